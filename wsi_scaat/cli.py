@@ -1,0 +1,195 @@
+"""The ``wsi-scaat`` command. Each subcommand is a thin shell over a package function.
+
+Errors from bad input print one line, ``wsi-scaat: error: <file>: <cause>``, and exit 1.
+Set ``WSI_SCAAT_DEBUG=1`` for full tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from wsi_scaat import __version__
+from wsi_scaat.errors import WsiScaatError
+
+app = typer.Typer(
+    name="wsi-scaat",
+    help="Whole-slide pipeline: tile, train (SCAAT and baselines), saliency, stitch, export, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"wsi-scaat: error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def one_line_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn errors into one line on stderr and exit status 1 (tracebacks with WSI_SCAAT_DEBUG=1)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if os.environ.get("WSI_SCAAT_DEBUG"):
+            return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except WsiScaatError as exc:
+            _fail(str(exc))
+        except (OSError, ValueError, MemoryError) as exc:
+            where = getattr(exc, "filename", None)
+            _fail(f"{where}: {exc.strerror or exc}" if where and isinstance(exc, OSError) else str(exc))
+        except Exception as exc:  # unexpected: still one line, with the type to search for
+            _fail(f"unexpected {type(exc).__name__}: {exc} (set WSI_SCAAT_DEBUG=1 for the traceback)")
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Whole-slide pipeline for saliency-constrained adaptive adversarial training (SCAAT)."""
+
+
+class StoreFormat(str, Enum):
+    h5 = "h5"
+    zarr = "zarr"
+
+
+class Compression(str, Enum):
+    lz4 = "lz4"
+    zstd = "zstd"
+    gzip = "gzip"
+    none = "none"
+
+
+@app.command()
+@one_line_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Cohort folder to write.")],
+    slides: Annotated[int, typer.Option(min=1, help="Number of slides.")] = 6,
+    width: Annotated[int, typer.Option(min=256, help="Slide width in pixels.")] = 4096,
+    height: Annotated[int, typer.Option(min=256, help="Slide height in pixels.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
+    mpp: Annotated[float, typer.Option(min=0.01, help="Microns per pixel written in the slides.")] = 0.5,
+    lesion_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Fraction of slides carrying lesions.")
+    ] = 0.5,
+) -> None:
+    """Generate a synthetic H&E cohort with ground-truth lesion annotations and a manifest."""
+    from wsi_scaat.synth import make_cohort
+
+    manifest = make_cohort(out, slides, width, height, seed, mpp=mpp, lesion_slide_fraction=lesion_fraction)
+    typer.echo(f"wrote {slides} slides; manifest: {manifest}")
+
+
+@app.command()
+@one_line_errors
+def tile(
+    slide: Annotated[Path, typer.Argument(help="Whole-slide image (SVS, NDPI, MRXS, TIFF, OME-TIFF...).")],
+    out: Annotated[Path, typer.Option(help="Output folder for the store and tissue mask.")],
+    patch_size: Annotated[int, typer.Option(min=8, help="Patch side in output pixels.")] = 256,
+    target_mpp: Annotated[float, typer.Option(min=0.01, help="Microns per pixel of the patches.")] = 0.5,
+    overlap: Annotated[int, typer.Option(min=0, help="Overlap of neighbouring patches, pixels.")] = 0,
+    min_tissue: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
+    ] = 0.5,
+    format: Annotated[StoreFormat, typer.Option(help="Store format.")] = StoreFormat.h5,
+    annotations: Annotated[
+        Path | None, typer.Option(help="QuPath GeoJSON of lesions: adds lesion_fraction and labels.")
+    ] = None,
+    mpp_override: Annotated[
+        float | None, typer.Option(min=0.001, help="Level-0 microns per pixel, replacing the metadata.")
+    ] = None,
+    slide_id: Annotated[str | None, typer.Option(help="Slide id (default: file name stem).")] = None,
+    compression: Annotated[Compression, typer.Option(help="Patch chunk codec.")] = Compression.lz4,
+    thumbnail_mpp: Annotated[float, typer.Option(min=0.1, help="Resolution of tissue detection.")] = 8.0,
+    label_threshold: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Lesion fraction from which a patch is labelled 1.")
+    ] = 0.5,
+    workers: Annotated[int, typer.Option(min=0, help="Reader threads (0: all available cores).")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Detect tissue and cut the slide into a patch store (<out>/<slide_id>.h5 or .zarr)."""
+    from wsi_scaat.manifest import check_slide_id
+    from wsi_scaat.slides.tiling import TileParams, tile_slide
+
+    if overlap >= patch_size:
+        raise ValueError(f"--overlap ({overlap}) must be smaller than --patch-size ({patch_size})")
+    params = TileParams(
+        patch_size=patch_size, target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue,
+        format=format.value, compression=compression.value, thumbnail_mpp=thumbnail_mpp,
+        label_threshold=label_threshold, workers=workers,
+    )  # fmt: skip
+    sid = check_slide_id(slide_id) if slide_id else None
+    store = tile_slide(
+        slide,
+        out,
+        params,
+        slide_id=sid,
+        annotations=annotations,
+        mpp_override=mpp_override,
+        progress=progress,
+    )
+    from wsi_scaat.store import open_store
+
+    with open_store(store) as s:
+        typer.echo(f"{store}: {len(s)} patches of {patch_size} px at {s.attrs['patch_mpp']:.3f} mpp")
+
+
+@app.command("check-config")
+@one_line_errors
+def check_config(
+    files: Annotated[list[Path], typer.Argument(help="YAML files, later ones overriding earlier ones.")],
+) -> None:
+    """Validate configuration files; exit 1 naming the first bad key."""
+    from wsi_scaat.config import load_config
+
+    cfg = load_config(*files)
+    typer.echo(f"ok: cohort {cfg.cohort.name!r}, outputs under {cfg.results}")
+
+
+@app.command()
+@one_line_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A slide or a patch store.")],
+    mpp_override: Annotated[float | None, typer.Option(help="Level-0 microns per pixel.")] = None,
+) -> None:
+    """Print the metadata of a slide or a patch store as one JSON line."""
+    import json
+
+    if path.suffix in (".h5", ".zarr"):
+        from wsi_scaat.store import open_store
+
+        with open_store(path) as store:
+            typer.echo(store.describe())
+        return
+    from dataclasses import asdict
+
+    from wsi_scaat.slides import open_slide
+
+    with open_slide(path, mpp_override) as reader:
+        typer.echo(json.dumps(asdict(reader.info)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

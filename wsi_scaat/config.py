@@ -1,0 +1,135 @@
+"""Validated configuration: one pydantic model per section, unknown keys rejected.
+
+``load_config`` reads one or more YAML files (later ones override earlier ones, as Snakemake's
+``--configfile`` does) and stops with an error naming the offending key before any work.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from wsi_scaat.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CohortConfig(Section):
+    name: str = Field(description="cohort name; outputs go to <results_dir>/<name>/")
+    manifest: Path = Field(description="CSV with slide_id,path,split,label,annotations[,mpp]")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
+        return v
+
+
+class SynthConfig(Section):
+    out: Path
+    slides: int = Field(6, ge=1, le=10000)
+    width: int = Field(4096, ge=256, le=200_000)
+    height: int = Field(4096, ge=256, le=200_000)
+    seed: int = 0
+    mpp: float = Field(0.5, gt=0, le=100)
+    lesion_slide_fraction: float = Field(0.5, ge=0, le=1)
+
+
+class TissueConfig(Section):
+    thumbnail_mpp: float = Field(8.0, gt=0, le=256)
+
+
+class TilingConfig(Section):
+    patch_size: int = Field(256, ge=8, le=4096)
+    target_mpp: float = Field(0.5, gt=0, le=100)
+    overlap: int = Field(0, ge=0)
+    min_tissue: float = Field(0.5, ge=0, le=1)
+    format: Literal["h5", "zarr"] = "h5"
+    compression: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
+    region_size: int = Field(4096, ge=256, le=32768)
+    label_threshold: float = Field(0.5, gt=0, le=1)
+    annotation_class: str = "lesion"
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap_below_patch(cls, v: int, info: Any) -> int:
+        size = info.data.get("patch_size")
+        if size is not None and v >= size:
+            raise ValueError(f"must be smaller than patch_size ({size})")
+        return v
+
+
+class Config(Section):
+    """The whole workflow configuration."""
+
+    cohort: CohortConfig
+    results_dir: Path = Path("results")
+    synth: SynthConfig | None = None
+    tissue: TissueConfig = TissueConfig()
+    tiling: TilingConfig = TilingConfig()
+
+    @property
+    def results(self) -> Path:
+        """Folder of this cohort's outputs."""
+        return self.results_dir / self.cohort.name
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] != "extra_forbidden" and "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{key}: {msg}")
+    return "; ".join(parts)
+
+
+def validate_config(data: dict[str, Any], source: str | Path | None = None) -> Config:
+    """Validate a config mapping; raise ``ConfigError`` naming each bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(source or "config", "invalid configuration: " + _format_errors(err)) from None
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict update, as Snakemake merges several ``--configfile`` files."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping, or ``ConfigError`` naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(path, f"cannot read YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(path, "top level must be a mapping")
+    return data
+
+
+def load_config(*paths: str | Path) -> Config:
+    """Load and validate one or more YAML files, later ones overriding earlier ones."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = deep_merge(data, read_yaml(path))
+    return validate_config(data, source=", ".join(str(p) for p in paths))

@@ -1,0 +1,93 @@
+"""tiatoolbox backend: files OpenSlide cannot open (e.g. plain non-pyramidal or OME-TIFF)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from wsi_scaat.slides.reader import SlideInfo, SlideReader
+
+#: Suffixes handed to tiatoolbox; others (PNG, JPEG) would be loaded whole into memory.
+SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".qptiff", ".dcm", ".zarr", ".jp2"}
+
+
+_QUIET_LOCK = threading.Lock()
+_quiet_depth = 0
+_saved_level = logging.NOTSET
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence tiatoolbox, which logs guesses (e.g. inferred objective power) on the root logger.
+
+    Counted, so overlapping scopes in reader threads restore the level only when the last ends.
+    """
+    global _quiet_depth, _saved_level
+    root = logging.getLogger()
+    with _QUIET_LOCK:
+        if _quiet_depth == 0:
+            _saved_level = root.level
+            root.setLevel(logging.ERROR)
+        _quiet_depth += 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                root.setLevel(_saved_level)
+
+
+class TiatoolboxReader(SlideReader):
+    """Reads with ``tiatoolbox.wsicore.WSIReader`` at pyramid levels (``units="level"``)."""
+
+    name = "tiatoolbox"
+
+    def __init__(self, path: Path) -> None:
+        if path.suffix.lower() not in SUFFIXES:
+            raise ValueError(f"suffix {path.suffix!r} not handled out of core by tiatoolbox")
+        from tiatoolbox.wsicore.wsireader import WSIReader  # its import sets the root level: first
+
+        with _quiet():  # the metadata properties log their guesses lazily
+            self._wsi = WSIReader.open(str(path))
+            meta = self._wsi.info
+            dims, levels, downsamples = meta.slide_dimensions, meta.level_dimensions, meta.level_downsamples
+            raw_mpp, objective, vendor = meta.mpp, meta.objective_power, meta.vendor
+        mpp = None
+        if raw_mpp is not None and np.all(np.isfinite(raw_mpp)):
+            mpp = float(np.asarray(raw_mpp, dtype=float).ravel()[0])
+        self.info = SlideInfo(
+            path=str(path),
+            width=int(dims[0]),
+            height=int(dims[1]),
+            level_dimensions=tuple((int(w), int(h)) for w, h in levels),
+            level_downsamples=tuple(float(d) for d in downsamples),
+            mpp=mpp,
+            mpp_source="metadata" if mpp else "unknown",
+            objective_power=float(objective) if objective else None,
+            vendor=str(vendor or "unknown"),
+            backend=self.name,
+        )
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        with _quiet():
+            img = self._wsi.read_rect(
+                location, size, resolution=level, units="level", pad_constant_values=255
+            )
+        img = np.asarray(img)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        return np.ascontiguousarray(img[..., :3], dtype=np.uint8)
+
+    def close(self) -> None:
+        close = getattr(self._wsi, "close", None)
+        if callable(close):
+            close()

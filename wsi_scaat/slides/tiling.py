@@ -1,0 +1,284 @@
+"""The patch grid at a target mpp, and the tiling stage that fills a patch store.
+
+The grid is laid out on the pyramid level read (the deepest level not coarser than the target);
+when that level's mpp is within ``snap_tolerance`` of the target, patches are cut at that level
+without resampling, otherwise each patch is resized from a slightly larger crop. Regions of many
+patches are read at once (not one ``read_region`` per patch), by one thread per core, each with
+its own slide handle; patches are encoded in the same threads.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from wsi_scaat import __version__
+from wsi_scaat.annotations import coverage_fraction, read_annotations
+from wsi_scaat.atomic import atomic_output
+from wsi_scaat.slides.reader import SlideInfo, SlideReader, open_slide
+from wsi_scaat.slides.tissue import TissueMask, detect_slide_tissue, save_tissue_png, tissue_geojson
+from wsi_scaat.store import create_store, store_suffix
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """Patch positions on the level read; ``coords`` are top-left (x, y) in level-0 pixels."""
+
+    coords: np.ndarray  # (N, 2) int64, level 0
+    level_xy: np.ndarray  # (N, 2) int64, top-left on the level read
+    patch_size: int  # output pixels
+    crop_size: int  # pixels cut on the level read (== patch_size unless resampling)
+    level: int
+    level_downsample: float
+    downsample: float  # level-0 pixels per output pixel
+    patch_size_level0: int
+    step_level0: int
+
+    @property
+    def resample(self) -> bool:
+        return self.crop_size != self.patch_size
+
+    def subset(self, keep: np.ndarray) -> PatchGrid:
+        """The grid restricted to the patches where ``keep`` is true."""
+        return PatchGrid(**{**self.__dict__, "coords": self.coords[keep], "level_xy": self.level_xy[keep]})
+
+
+def plan_grid(
+    info: SlideInfo,
+    patch_size: int,
+    target_mpp: float,
+    overlap: int = 0,
+    snap_tolerance: float = 0.02,
+) -> PatchGrid:
+    """Every patch position of a slide, row-major (y, then x), patches wholly inside the slide."""
+    if not 0 <= overlap < patch_size:
+        raise ValueError(f"overlap must be in [0, patch_size), got {overlap}")
+    mpp0 = info.require_mpp()
+    downsample = target_mpp / mpp0
+    level = info.best_level_for_downsample(downsample, tolerance=snap_tolerance)
+    level_ds = info.level_downsamples[level]
+    ratio = downsample / level_ds  # level pixels per output pixel
+    if abs(ratio - 1.0) <= snap_tolerance:
+        ratio, downsample = 1.0, level_ds
+    crop = int(round(patch_size * ratio))
+    step = (patch_size - overlap) * ratio
+    lw, lh = info.level_dimensions[level]
+    nx = int((lw - crop) // step) + 1 if lw >= crop else 0
+    ny = int((lh - crop) // step) + 1 if lh >= crop else 0
+    gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
+    level_xy = np.stack([np.round(gx.ravel() * step), np.round(gy.ravel() * step)], 1).astype(np.int64)
+    coords = np.round(level_xy * level_ds).astype(np.int64)
+    return PatchGrid(
+        coords=coords, level_xy=level_xy, patch_size=patch_size, crop_size=crop, level=level,
+        level_downsample=level_ds, downsample=float(downsample),
+        patch_size_level0=int(round(patch_size * downsample)),
+        step_level0=int(round((patch_size - overlap) * downsample)),
+    )  # fmt: skip
+
+
+def group_regions(grid: PatchGrid, region_side: int) -> list[np.ndarray]:
+    """Patch indices grouped into regions of about ``region_side`` level pixels per side."""
+    if not len(grid.coords):
+        return []
+    cell = np.maximum(grid.level_xy // max(region_side, grid.crop_size), 0)
+    order = np.lexsort((cell[:, 0], cell[:, 1]))
+    keys = cell[order]
+    breaks = np.flatnonzero(np.any(np.diff(keys, axis=0) != 0, axis=1)) + 1
+    return np.split(order, breaks)
+
+
+def cut_patches(
+    region: np.ndarray, origin: np.ndarray, grid: PatchGrid, idx: np.ndarray
+) -> Iterator[np.ndarray]:
+    """Patches ``idx`` cut from ``region`` (read on the grid's level with top-left ``origin``)."""
+    c, p = grid.crop_size, grid.patch_size
+    interp = cv2.INTER_AREA if c > p else cv2.INTER_LINEAR
+    for i in idx:
+        x, y = grid.level_xy[i] - origin
+        patch = region[y : y + c, x : x + c]
+        yield cv2.resize(patch, (p, p), interpolation=interp) if grid.resample else patch
+
+
+class _ThreadReaders:
+    """One slide handle per worker thread, closed together."""
+
+    def __init__(self, path: str, mpp_override: float | None) -> None:
+        self._path, self._mpp, self._local, self._all = path, mpp_override, threading.local(), []
+        self._lock = threading.Lock()
+
+    def get(self) -> SlideReader:
+        if not hasattr(self._local, "reader"):
+            self._local.reader = open_slide(self._path, self._mpp)
+            with self._lock:
+                self._all.append(self._local.reader)
+        return self._local.reader
+
+    def close(self) -> None:
+        for reader in self._all:
+            reader.close()
+
+
+def _read_and_encode(
+    readers: _ThreadReaders, grid: PatchGrid, idx: np.ndarray, encode
+) -> list[tuple[int, bytes]]:
+    xy = grid.level_xy[idx]
+    origin = xy.min(axis=0)
+    size = xy.max(axis=0) + grid.crop_size - origin
+    location = np.round(origin * grid.level_downsample).astype(int)
+    region = readers.get().read_region(tuple(location), grid.level, tuple(size))
+    return [(int(i), encode(p)) for i, p in zip(idx, cut_patches(region, origin, grid, idx), strict=True)]
+
+
+@dataclass(frozen=True)
+class TileParams:
+    """Parameters of the tiling stage (see ``configs/default.yaml``)."""
+
+    patch_size: int = 256
+    target_mpp: float = 0.5
+    overlap: int = 0
+    min_tissue: float = 0.5
+    format: str = "h5"
+    compression: str = "lz4"
+    thumbnail_mpp: float = 8.0
+    region_size: int = 4096
+    label_threshold: float = 0.5
+    annotation_class: str = "lesion"
+    workers: int = 0  # 0: one per available core
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects affinity and cgroup-limited CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def tile_slide(
+    slide: str | Path,
+    out_dir: str | Path,
+    params: TileParams = TileParams(),
+    *,
+    slide_id: str | None = None,
+    annotations: str | Path | None = None,
+    mpp_override: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Tile one slide: tissue mask, patch grid, patch store. Returns the store's path.
+
+    Writes ``<slide_id>.{h5|zarr}``, ``<slide_id>.tissue.png`` and ``<slide_id>.tissue.geojson``
+    under ``out_dir``; all three appear only if the whole slide was read successfully.
+    """
+    slide = Path(slide)
+    slide_id = slide_id or slide.stem
+    out_dir = Path(out_dir)
+    store_path = out_dir / f"{slide_id}{store_suffix(params.format)}"
+    with open_slide(slide, mpp_override) as reader:
+        info = reader.info
+        tissue, _ = detect_slide_tissue(reader, params.thumbnail_mpp)
+    grid = plan_grid(info, params.patch_size, params.target_mpp, params.overlap)
+    fraction = tissue.fraction_in(grid.coords[:, 0], grid.coords[:, 1], grid.patch_size_level0)
+    grid = grid.subset(fraction >= params.min_tissue)
+    attrs = _store_attrs(info, grid, params, slide_id, tissue)
+    polygons = read_annotations(annotations, params.annotation_class) if annotations else None
+
+    with (
+        atomic_output(out_dir / f"{slide_id}.tissue.png") as png_tmp,
+        atomic_output(out_dir / f"{slide_id}.tissue.geojson") as geo_tmp,
+        create_store(store_path, len(grid.coords), params.patch_size, params.compression) as store,
+    ):
+        save_tissue_png(tissue, png_tmp, slide_id)
+        geo_tmp.write_text(tissue_geojson(tissue, slide_id), encoding="utf-8")
+        store.write_array("coords", grid.coords)
+        store.write_array("tissue_mask", tissue.mask.astype(np.uint8))
+        if polygons is not None:
+            lesion = coverage_fraction(polygons, grid.coords, grid.patch_size_level0)
+            store.write_array("lesion_fraction", lesion.astype(np.float32))
+            store.write_array("labels", (lesion >= params.label_threshold).astype(np.int64))
+        store.set_attrs(attrs)
+        _fill_store(store, str(slide), mpp_override, grid, params, progress, slide_id)
+    return store_path
+
+
+def _fill_store(
+    store,
+    slide: str,
+    mpp_override,
+    grid: PatchGrid,
+    params: TileParams,
+    progress: bool,
+    slide_id: str,
+) -> None:
+    workers = params.workers or available_cores()
+    regions = group_regions(grid, params.region_size)
+    readers = _ThreadReaders(slide, mpp_override)
+    bar = tqdm(
+        total=len(grid.coords),
+        desc=f"tile {slide_id}",
+        unit="patch",
+        disable=not progress,
+        mininterval=1.0,
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque[Future] = deque()
+            todo = iter(regions)
+            for idx in todo:
+                pending.append(pool.submit(_read_and_encode, readers, grid, idx, store.encode))
+                if len(pending) >= 2 * workers:  # bound the patches held in memory
+                    _drain(pending.popleft(), store, bar)
+            while pending:
+                _drain(pending.popleft(), store, bar)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+    finally:
+        bar.close()
+        readers.close()
+
+
+def _drain(fut: Future, store, bar: tqdm) -> None:
+    chunks = fut.result()
+    for i, chunk in chunks:
+        store.write_chunk(i, chunk)
+    bar.update(len(chunks))
+
+
+def _store_attrs(
+    info: SlideInfo, grid: PatchGrid, params: TileParams, slide_id: str, tissue: TissueMask
+) -> dict:
+    return {
+        "patch_size": params.patch_size,
+        "patch_level": grid.level,
+        "downsample": grid.downsample,
+        "level_downsample": grid.level_downsample,
+        "patch_size_level0": grid.patch_size_level0,
+        "step_level0": grid.step_level0,
+        "mpp_level0": info.require_mpp(),
+        "mpp_source": info.mpp_source,
+        "patch_mpp": info.require_mpp() * grid.downsample,
+        "target_mpp": params.target_mpp,
+        "overlap": params.overlap,
+        "min_tissue": params.min_tissue,
+        "label_threshold": params.label_threshold,
+        "slide_width": info.width,
+        "slide_height": info.height,
+        "level_dim": list(info.level_dimensions[grid.level]),
+        "slide_id": slide_id,
+        "source_path": str(Path(info.path).resolve()),
+        "reader_backend": info.backend,
+        "tissue_downsample": tissue.downsample,
+        "compression": params.compression,
+        "store_version": 1,
+        "wsi_scaat_version": __version__,
+    }
