@@ -37,7 +37,12 @@ def read_annotations(path: str | Path, name: str | None = "lesion") -> list[Poly
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise AnnotationError(path, f"cannot read GeoJSON: {exc}") from exc
-    features = doc.get("features", []) if doc.get("type") == "FeatureCollection" else [doc]
+    if isinstance(doc, list):  # a bare list of features, as some tools write
+        features = doc
+    elif doc.get("type") == "FeatureCollection":
+        features = doc.get("features", [])
+    else:
+        features = [doc]
     polys: list[Polygon] = []
     for k, feat in enumerate(features):
         cls = ((feat.get("properties") or {}).get("classification") or {}).get("name")

@@ -85,7 +85,7 @@ class Compression(str, Enum):
 @app.command()
 @one_line_errors
 def synth(
-    out: Annotated[Path, typer.Option(help="Cohort folder to write.")],
+    out: Annotated[Path | None, typer.Option(help="Cohort folder to write.")] = None,
     slides: Annotated[int, typer.Option(min=1, help="Number of slides.")] = 6,
     width: Annotated[int, typer.Option(min=256, help="Slide width in pixels.")] = 4096,
     height: Annotated[int, typer.Option(min=256, help="Slide height in pixels.")] = 4096,
@@ -94,12 +94,35 @@ def synth(
     lesion_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="Fraction of slides carrying lesions.")
     ] = 0.5,
+    config: Annotated[
+        list[Path] | None,
+        typer.Option(help="Take every setting from the config's `synth:` section instead (repeatable)."),
+    ] = None,
 ) -> None:
-    """Generate a synthetic H&E cohort with ground-truth lesion annotations and a manifest."""
-    from wsi_scaat.synth import make_cohort
+    """Generate a synthetic H&E cohort with ground-truth lesion annotations and a manifest.
 
-    manifest = make_cohort(out, slides, width, height, seed, mpp=mpp, lesion_slide_fraction=lesion_fraction)
-    typer.echo(f"wrote {slides} slides; manifest: {manifest}")
+    With --config, nothing is regenerated when the cohort folder already holds a cohort made
+    with the same settings.
+    """
+    from wsi_scaat.synth import ensure_cohort
+
+    if config:
+        from wsi_scaat.config import load_config
+
+        cfg = load_config(*config)
+        if cfg.synth is None:
+            raise ValueError(f"{', '.join(map(str, config))}: no `synth:` section")
+        s = cfg.synth
+        out, slides, width, height, seed, mpp, lesion_fraction = (
+            s.out, s.slides, s.width, s.height, s.seed, s.mpp, s.lesion_slide_fraction
+        )  # fmt: skip
+    if out is None:
+        raise ValueError("give --out DIR (or --config FILE with a `synth:` section)")
+    manifest, made = ensure_cohort(
+        out, slides, width, height, seed, mpp=mpp, lesion_slide_fraction=lesion_fraction
+    )
+    verb = "wrote" if made else "up to date:"
+    typer.echo(f"{verb} {slides} slides of {width} x {height} px; manifest: {manifest}")
 
 
 @app.command()
@@ -127,6 +150,7 @@ def tile(
         float, typer.Option(min=0.0, max=1.0, help="Lesion fraction from which a patch is labelled 1.")
     ] = 0.5,
     workers: Annotated[int, typer.Option(min=0, help="Reader threads (0: all available cores).")] = 0,
+    region_size: Annotated[int, typer.Option(min=256, help="Level pixels per region read at once.")] = 1024,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Detect tissue and cut the slide into a patch store (<out>/<slide_id>.h5 or .zarr)."""
@@ -138,7 +162,7 @@ def tile(
     params = TileParams(
         patch_size=patch_size, target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue,
         format=format.value, compression=compression.value, thumbnail_mpp=thumbnail_mpp,
-        label_threshold=label_threshold, workers=workers,
+        label_threshold=label_threshold, workers=workers, region_size=region_size,
     )  # fmt: skip
     sid = check_slide_id(slide_id) if slide_id else None
     store = tile_slide(
@@ -189,6 +213,26 @@ def info(
 
     with open_slide(path, mpp_override) as reader:
         typer.echo(json.dumps(asdict(reader.info)))
+
+
+@app.command()
+@one_line_errors
+def outputs(
+    config: Annotated[list[Path], typer.Option(help="The workflow's config file(s).")],
+) -> None:
+    """Print where a workflow run's outputs are, stage by stage."""
+    from wsi_scaat.config import load_config
+
+    cfg = load_config(*config)
+    root = cfg.results
+    if not root.exists():
+        raise ValueError(f"{root}: no outputs yet (run snakemake first)")
+    typer.echo(f"outputs of cohort {cfg.cohort.name!r} under {root}/")
+    for stage in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(f for f in stage.iterdir() if not f.name.startswith("."))
+        if files:
+            kinds = sorted({"".join(f.suffixes[-2:]) if f.name.count(".") > 1 else f.suffix for f in files})
+            typer.echo(f"  {stage}/  {len(files)} entries ({', '.join(k or 'folders' for k in kinds)})")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,7 @@ class TilingConfig(Section):
     min_tissue: float = Field(0.5, ge=0, le=1)
     format: Literal["h5", "zarr"] = "h5"
     compression: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
-    region_size: int = Field(4096, ge=256, le=32768)
+    region_size: int = Field(1024, ge=256, le=32768)
     label_threshold: float = Field(0.5, gt=0, le=1)
     annotation_class: str = "lesion"
 

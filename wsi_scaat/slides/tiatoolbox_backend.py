@@ -11,10 +11,32 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_scaat.errors import SlideOpenError
 from wsi_scaat.slides.reader import SlideInfo, SlideReader
 
 #: Suffixes handed to tiatoolbox; others (PNG, JPEG) would be loaded whole into memory.
 SUFFIXES = {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".qptiff", ".dcm", ".zarr", ".jp2"}
+#: tiatoolbox reads a strip (non-tiled) TIFF whole into memory: refuse larger ones.
+MAX_IN_MEMORY_BYTES = 2 * 1024**3
+
+
+def _tiff_header(path: Path) -> tuple[int, int, bool, float | None] | None:
+    """(width, height, tiled, mpp from resolution tags) of a TIFF's first page; None if not a TIFF."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            unit = page.tags.get("ResolutionUnit")
+            xres = page.tags.get("XResolution")
+            mpp = None
+            if unit is not None and xres is not None and int(unit.value) in (2, 3):
+                num, den = xres.value
+                if num > 0 and den > 0:
+                    mpp = (25400.0 if int(unit.value) == 2 else 10000.0) * den / num
+            return int(page.imagewidth), int(page.imagelength), bool(page.is_tiled), mpp
+    except Exception:
+        return None
 
 
 _QUIET_LOCK = threading.Lock()
@@ -54,6 +76,13 @@ class TiatoolboxReader(SlideReader):
     def __init__(self, path: Path) -> None:
         if path.suffix.lower() not in SUFFIXES:
             raise ValueError(f"suffix {path.suffix!r} not handled out of core by tiatoolbox")
+        header = _tiff_header(path) if path.suffix.lower() in (".tif", ".tiff") else None
+        if header and not header[2] and header[0] * header[1] * 3 > MAX_IN_MEMORY_BYTES:
+            raise SlideOpenError(
+                path,
+                f"strip (non-tiled) TIFF of {header[0]} x {header[1]} px would be read whole into "
+                "memory; convert it to a tiled pyramidal TIFF (e.g. vips tiffsave --tile --pyramid)",
+            )
         from tiatoolbox.wsicore.wsireader import WSIReader  # its import sets the root level: first
 
         with _quiet():  # the metadata properties log their guesses lazily
@@ -64,6 +93,8 @@ class TiatoolboxReader(SlideReader):
         mpp = None
         if raw_mpp is not None and np.all(np.isfinite(raw_mpp)):
             mpp = float(np.asarray(raw_mpp, dtype=float).ravel()[0])
+        elif header is not None:
+            mpp = header[3]  # tiatoolbox's in-memory reader ignores the resolution tags
         self.info = SlideInfo(
             path=str(path),
             width=int(dims[0]),

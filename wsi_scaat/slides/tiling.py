@@ -149,7 +149,7 @@ class TileParams:
     format: str = "h5"
     compression: str = "lz4"
     thumbnail_mpp: float = 8.0
-    region_size: int = 4096
+    region_size: int = 1024
     label_threshold: float = 0.5
     annotation_class: str = "lesion"
     workers: int = 0  # 0: one per available core

@@ -1,0 +1,18 @@
+# wsi-scaat workflow: table of contents. Logic lives in the wsi_scaat package.
+#   snakemake --cores 2 --configfile configs/demo.yaml
+from snakemake.utils import min_version
+
+min_version("8.0")
+
+
+configfile: "configs/default.yaml"
+
+
+include: "pipelines/common.smk"
+include: "pipelines/tile.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True

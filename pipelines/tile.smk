@@ -1,0 +1,21 @@
+# Tiling: tissue mask, patch grid at the target mpp, one patch store per slide.
+
+
+rule tile:
+    input:
+        unpack(get_slide_inputs),
+    output:
+        store=store_output(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}"),
+        mask=f"{RESULTS}/tiles/{{slide}}.tissue.png",
+        outline=f"{RESULTS}/tiles/{{slide}}.tissue.geojson",
+    params:
+        args=get_tile_args,
+        outdir=f"{RESULTS}/tiles",
+    log:
+        f"{RESULTS}/logs/tile/{{slide}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/tile/{{slide}}.tsv"
+    threads: 2
+    shell:
+        "{WSI} tile {input.slide:q} --out {params.outdir:q} --slide-id {wildcards.slide:q}"
+        " --workers {threads} --no-progress {params.args} > {log:q} 2>&1"

@@ -1,0 +1,78 @@
+"""Config and manifest validation: bad values stop before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from wsi_scaat.config import load_config, validate_config
+from wsi_scaat.errors import ConfigError
+from wsi_scaat.manifest import ManifestError, read_manifest
+
+BASE = {"cohort": {"name": "c", "manifest": "m.csv"}}
+
+
+def test_shipped_configs_load() -> None:
+    default = load_config(REPO / "configs" / "default.yaml")
+    demo = load_config(REPO / "configs" / "default.yaml", REPO / "configs" / "demo.yaml")
+    assert default.tiling.patch_size == 256 and default.tiling.target_mpp == 0.5
+    assert demo.cohort.name == "demo" and demo.synth is not None
+    assert demo.results == Path("results/demo")
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "why"),
+    [
+        ({"tiling": {"patch_sise": 64}}, "tiling.patch_sise", "unknown key"),
+        ({"colour": 1}, "colour", "unknown key"),
+        ({"tiling": {"patch_size": "big"}}, "tiling.patch_size", "integer"),
+        ({"tiling": {"min_tissue": 1.5}}, "tiling.min_tissue", "less than or equal to 1"),
+        ({"tiling": {"format": "tif"}}, "tiling.format", "'h5' or 'zarr'"),
+        ({"tiling": {"patch_size": 64, "overlap": 64}}, "tiling.overlap", "smaller than patch_size"),
+        ({"cohort": {"name": "../x", "manifest": "m.csv"}}, "cohort.name", "names a folder"),
+    ],
+)
+def test_bad_values_name_the_key(override: dict, key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config({**BASE, **override}, source="c.yaml")
+    msg = str(err.value)
+    assert msg.startswith("c.yaml: invalid configuration") and key in msg and why in msg
+
+
+def test_yaml_files_merge_like_snakemake(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({**BASE, "tiling": {"patch_size": 128}}))
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"tiling": {"min_tissue": 0.1}}))
+    cfg = load_config(tmp_path / "a.yaml", tmp_path / "b.yaml")
+    assert (cfg.tiling.patch_size, cfg.tiling.min_tissue) == (128, 0.1)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "manifest.csv"
+    path.write_text(text)
+    return path
+
+
+def test_manifest_resolves_paths(tmp_path: Path) -> None:
+    header = "slide_id,path,split,label,annotations,mpp\n"
+    path = _write(tmp_path, header + "a,slides/a.tiff,train,1,ann/a.geojson,\nb,/abs/b.svs,test,,,0.25\n")
+    a, b = read_manifest(path)
+    assert a.path == tmp_path / "slides" / "a.tiff" and a.annotations == tmp_path / "ann" / "a.geojson"
+    assert (a.label, a.mpp, b.label, b.mpp, b.annotations) == (1, None, None, 0.25, None)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("slide_id,path,split\n", "missing columns"),
+        ("slide_id,path,split,label,annotations\na,x,train,0,\na,y,train,0,\n", "row 3: duplicate"),
+        ("slide_id,path,split,label,annotations\n../../x,x,train,0,\n", "unsafe slide_id"),
+        ("slide_id,path,split,label,annotations\na,x,training,0,\n", "split must be"),
+        ("slide_id,path,split,label,annotations,mpp\na,x,train,0,,-1\n", "mpp must be"),
+    ],
+)
+def test_bad_manifests(tmp_path: Path, text: str, why: str) -> None:
+    with pytest.raises(ManifestError, match=why):
+        read_manifest(_write(tmp_path, text))

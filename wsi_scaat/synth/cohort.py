@@ -1,0 +1,316 @@
+"""Synthetic slides with ground-truth lesion annotations, and small labelled cohorts.
+
+Geometry (tissue islands and lesions) is generated here as shapely polygons snapped to a
+0.01 px grid; the pixels are painted by :mod:`wsi_scaat.synth.render` from exactly these
+polygons, so an annotation polygon is the exact ground truth of the lesion texture.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import shapely
+from shapely import affinity
+from shapely.geometry import MultiPolygon, Polygon, box
+
+from wsi_scaat.atomic import write_text
+from wsi_scaat.synth.render import StripPainter, build_textures, stain_field
+from wsi_scaat.synth.tiff import write_pyramid
+
+SPLITS = ("train", "val", "test")
+MANIFEST_COLUMNS = ("slide_id", "path", "split", "label", "annotations", "mpp")
+GRID = 0.01  # coordinate precision (px) of generated polygons
+
+
+def _seq(seed: int, *tags: int) -> np.random.SeedSequence:
+    """Seed sequence of an arbitrary (also negative) integer seed and stream tags."""
+    return np.random.SeedSequence([int(seed) % 2**64, *tags])
+
+
+def _polygons(geom, min_area: float = 0.0) -> list[Polygon]:
+    """Polygons of a (multi)polygon / collection with area > min_area."""
+    if geom is None or geom.is_empty:
+        return []
+    if isinstance(geom, Polygon):
+        parts = [geom]
+    elif hasattr(geom, "geoms"):
+        parts = [p for g in geom.geoms for p in _polygons(g)]
+    else:
+        parts = []
+    return [p for p in parts if p.area > min_area]
+
+
+def _snap(geom) -> list[Polygon]:
+    return _polygons(shapely.set_precision(shapely.make_valid(geom), GRID), min_area=1.0)
+
+
+def _blob(
+    rng: np.random.Generator,
+    cx: float,
+    cy: float,
+    rx: float,
+    ry: float,
+    angle: float = 0.0,
+    amp: float = 0.12,
+    n: int = 256,
+) -> Polygon:
+    """Smooth star-shaped blob r(t) = 1 + sum_k a_k cos(k t + phi_k), k = 2..5, scaled/rotated."""
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    r = np.ones(n)
+    for k in range(2, 6):
+        r += amp * (2 / k) * rng.uniform(0.3, 1.0) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+    poly = Polygon(np.c_[rx * r * np.cos(t), ry * r * np.sin(t)])
+    return affinity.translate(affinity.rotate(poly, angle, origin=(0, 0), use_radians=True), cx, cy)
+
+
+def _random_point(rng: np.random.Generator, geom) -> tuple[float, float]:
+    minx, miny, maxx, maxy = geom.bounds
+    for _ in range(20):
+        x, y = rng.uniform(minx, maxx, 256), rng.uniform(miny, maxy, 256)
+        inside = np.flatnonzero(shapely.contains_xy(geom, x, y))
+        if inside.size:
+            return float(x[inside[0]]), float(y[inside[0]])
+    p = geom.representative_point()
+    return p.x, p.y
+
+
+def tissue_geometry(rng: np.random.Generator, width: int, height: int) -> list[Polygon]:
+    """1-4 irregular tissue islands covering roughly 30-60% of the slide."""
+    n = int(rng.integers(1, 5))
+    nx, ny = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2)}[n]
+    if height > width:
+        nx, ny = ny, nx
+    cw, ch = width / nx, height / ny
+    parts = []
+    for j in range(ny):
+        for i in range(nx):
+            s = rng.uniform(0.72, 0.88) / 2
+            cx = (i + 0.5 + rng.uniform(-0.05, 0.05)) * cw
+            cy = (j + 0.5 + rng.uniform(-0.05, 0.05)) * ch
+            parts.append(_blob(rng, cx, cy, s * cw, s * ch))
+    return _snap(shapely.union_all(parts).intersection(box(0, 0, width, height)))
+
+
+def lesion_geometry(rng: np.random.Generator, tissue: Sequence[Polygon]) -> list[Polygon]:
+    """1-3 blobs inside the tissue covering roughly 5-25% of its area (at least one polygon)."""
+    t = shapely.union_all(list(tissue))
+    n, frac = int(rng.integers(1, 4)), rng.uniform(0.09, 0.2)
+    blobs = []
+    for _ in range(n):
+        radius = math.sqrt(frac * t.area / n * rng.uniform(0.7, 1.3) / math.pi)
+        inner = t.buffer(-0.5 * radius)
+        cx, cy = _random_point(rng, t if inner.is_empty else inner)
+        e = math.sqrt(rng.uniform(1.0, 1.6))
+        blobs.append(_blob(rng, cx, cy, radius * e, radius / e, angle=rng.uniform(0, np.pi), amp=0.15))
+    polys = _snap(shapely.union_all(blobs).intersection(t))
+    if not polys:  # degenerate (tiny) tissue: fall back to one small disc
+        p = t.representative_point()
+        polys = _snap(p.buffer(max(2.0, math.sqrt(t.area * 0.1 / math.pi))).intersection(t))
+    return polys
+
+
+def slide_geometry(
+    width: int, height: int, seed: int, *, lesions: bool = True
+) -> tuple[list[Polygon], list[Polygon]]:
+    """(tissue polygons, lesion polygons) of the slide ``make_slide`` draws for this seed.
+
+    The tissue does not depend on ``lesions``; lesion polygons lie inside the tissue.
+    """
+    rng = np.random.default_rng(_seq(seed, 0x6E0))
+    tissue = tissue_geometry(rng, width, height)
+    return tissue, (lesion_geometry(rng, tissue) if lesions else [])
+
+
+def make_slide(
+    path: Path,
+    width: int,
+    height: int,
+    seed: int,
+    *,
+    mpp: float = 0.5,
+    lesions: bool = True,
+    tile_size: int = 256,
+    jpeg_quality: int = 85,
+) -> list[Polygon]:
+    """Write one pyramidal tiled JPEG TIFF; return lesion polygons in level-0 pixel coords.
+
+    The result is a deterministic function of the arguments (byte-identical files for the
+    same seed). Returns an empty list if ``lesions`` is False.
+    """
+    if width < 16 or height < 16:
+        raise ValueError(f"slide too small: {width}x{height}")
+    if tile_size < 16 or tile_size % 16:
+        raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
+    if not mpp > 0:
+        raise ValueError(f"mpp must be > 0, got {mpp}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
+    tissue, lesion_polys = slide_geometry(width, height, seed, lesions=lesions)
+    tex_seed, stain_seed = (int(v) for v in _seq(seed, 0x7E8).generate_state(2))
+    textures = build_textures(tex_seed, lesion=bool(lesion_polys))
+    stain = stain_field(stain_seed, width, height)
+    painter = StripPainter(width, height, tissue, lesion_polys, textures, stain)
+    write_pyramid(Path(path), width, height, painter, mpp=mpp, tile=tile_size, quality=jpeg_quality)
+    return lesion_polys
+
+
+def _ring(coords: Iterable) -> list[list[float]]:
+    return [[round(float(x), 2), round(float(y), 2)] for x, y, *_ in coords]
+
+
+def write_annotations(
+    path: Path, polygons: Sequence[Polygon], name: str = "lesion", color: Sequence[int] = (255, 0, 0)
+) -> None:
+    """Write polygons as a QuPath-style GeoJSON FeatureCollection (level-0 pixel coords).
+
+    Coordinates are rounded to 0.01 px; the output is byte-stable for the same input.
+    MultiPolygons are written as MultiPolygon features.
+    """
+    features = []
+    for poly in polygons:
+        if isinstance(poly, MultiPolygon):
+            geometry = {
+                "type": "MultiPolygon",
+                "coordinates": [
+                    [_ring(p.exterior.coords), *(_ring(r.coords) for r in p.interiors)] for p in poly.geoms
+                ],
+            }
+        else:
+            geometry = {
+                "type": "Polygon",
+                "coordinates": [_ring(poly.exterior.coords), *(_ring(r.coords) for r in poly.interiors)],
+            }
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": geometry,
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": name, "color": [int(c) for c in color]},
+                },
+            }
+        )
+    text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
+    write_text(path, text + "\n")
+
+
+def _split_counts(n: int, fractions: Sequence[float], minimum: int) -> list[int]:
+    f = np.asarray(fractions, float)
+    if f.shape != (3,) or (f < 0).any() or f.sum() <= 0:
+        raise ValueError(f"split_fractions must be 3 non-negative numbers, got {fractions}")
+    raw = f / f.sum() * n
+    counts = np.floor(raw).astype(int)
+    counts[np.argsort(-(raw - counts), kind="stable")[: n - counts.sum()]] += 1
+    for s in np.flatnonzero(f > 0):  # every used split gets >= minimum slides if possible
+        while counts[s] < minimum:
+            donor = int(np.argmax(counts))
+            if counts[donor] <= minimum:
+                break
+            counts[donor] -= 1
+            counts[s] += 1
+    return counts.tolist()
+
+
+def assign_splits(
+    n: int, n_lesion: int, fractions: Sequence[float], rng: np.random.Generator
+) -> tuple[list[int], list[str]]:
+    """Deterministic labels and splits; mixes both labels into every split when possible."""
+    n0 = n - n_lesion
+    counts = _split_counts(n, fractions, 2 if n >= 6 else (1 if n >= 3 else 0))
+    used = [s for s in range(3) if counts[s] > 0]
+    mix = all(counts[s] >= 2 for s in used) and min(n_lesion, n0) >= len(used)
+    lo = [1 if mix and s in used else 0 for s in range(3)]
+    hi = [counts[s] - lo[s] for s in range(3)]
+    per = lo.copy()
+    for _ in range(n_lesion - sum(lo)):  # distribute lesion slides proportionally
+        s = max((s for s in range(3) if per[s] < hi[s]), key=lambda s: n_lesion * counts[s] / n - per[s])
+        per[s] += 1
+    labels = np.zeros(n, int)
+    labels[rng.permutation(n)[:n_lesion]] = 1
+    pools = {
+        lab: list(
+            rng.permutation(
+                [SPLITS[s] for s in range(3) for _ in range(per[s] if lab else counts[s] - per[s])]
+            )
+        )
+        for lab in (1, 0)
+    }
+    splits = [str(pools[int(lab)].pop()) for lab in labels]
+    return labels.tolist(), splits
+
+
+def make_cohort(
+    out: Path,
+    n_slides: int,
+    width: int,
+    height: int,
+    seed: int,
+    *,
+    mpp: float = 0.5,
+    lesion_slide_fraction: float = 0.5,
+    split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
+    jpeg_quality: int = 85,
+) -> Path:
+    """Writes out/slides/<slide_id>.tiff, out/annotations/<slide_id>.geojson, out/manifest.csv.
+
+    Returns the manifest path; manifest paths are relative to its folder.
+    """
+    if n_slides < 1:
+        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
+    if not 0 <= lesion_slide_fraction <= 1:
+        raise ValueError(f"lesion_slide_fraction must be in [0, 1], got {lesion_slide_fraction}")
+    out = Path(out)
+    rng = np.random.default_rng(_seq(seed, 0xC047))
+    n_lesion = int(round(n_slides * lesion_slide_fraction))
+    labels, splits = assign_splits(n_slides, n_lesion, split_fractions, rng)
+    digits = max(3, len(str(n_slides - 1)))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(MANIFEST_COLUMNS)
+    for i, (label, split) in enumerate(zip(labels, splits, strict=True)):
+        slide_id = f"synth_{i:0{digits}d}"
+        slide_seed = int(_seq(seed, i).generate_state(1)[0])
+        rel_slide, rel_ann = f"slides/{slide_id}.tiff", f"annotations/{slide_id}.geojson"
+        polys = make_slide(
+            out / rel_slide,
+            width,
+            height,
+            slide_seed,
+            mpp=mpp,
+            lesions=bool(label),
+            jpeg_quality=jpeg_quality,
+        )
+        write_annotations(out / rel_ann, polys)
+        writer.writerow([slide_id, rel_slide, split, int(bool(polys)), rel_ann, repr(float(mpp))])
+    manifest = out / "manifest.csv"
+    write_text(manifest, buf.getvalue())
+    return manifest
+
+
+def ensure_cohort(
+    out: Path, n_slides: int, width: int, height: int, seed: int, **kwargs
+) -> tuple[Path, bool]:
+    """``make_cohort`` unless ``out`` already holds a cohort made with the same settings.
+
+    The settings are recorded in ``out/synth.json`` (written last), so an interrupted generation
+    is redone. Returns the manifest path and whether the cohort was (re)generated.
+    """
+    out = Path(out)
+    settings = {"n_slides": n_slides, "width": width, "height": height, "seed": seed, **kwargs}
+    record, manifest = out / "synth.json", out / "manifest.csv"
+    if manifest.is_file() and record.is_file():
+        try:
+            if json.loads(record.read_text(encoding="utf-8")) == settings:
+                return manifest, False
+        except ValueError:
+            pass
+    record.unlink(missing_ok=True)
+    manifest = make_cohort(out, n_slides, width, height, seed, **kwargs)
+    write_text(record, json.dumps(settings, sort_keys=True) + "\n")
+    return manifest, True
