@@ -1,4 +1,5 @@
 # Config validation and input helpers shared by the rule files.
+import os
 import re
 import shlex
 import sys
@@ -26,6 +27,11 @@ wildcard_constraints:
 def store_output(path):
     """Output declaration of a patch store: zarr stores are folders."""
     return directory(path) if STORE_EXT == "zarr" else path
+
+
+def get_parent(wildcards, output):
+    """Folder of a rule's first output (where the CLI writes)."""
+    return os.path.dirname(output[0])
 
 
 def get_slide_inputs(wildcards):

@@ -9,13 +9,14 @@ rule tile:
         mask=f"{RESULTS}/tiles/{{slide}}.tissue.png",
         outline=f"{RESULTS}/tiles/{{slide}}.tissue.geojson",
     params:
+        wsi=WSI,
         args=get_tile_args,
-        outdir=f"{RESULTS}/tiles",
+        outdir=get_parent,
     log:
         f"{RESULTS}/logs/tile/{{slide}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/tile/{{slide}}.tsv"
     threads: 2
     shell:
-        "{WSI} tile {input.slide:q} --out {params.outdir:q} --slide-id {wildcards.slide:q}"
+        "{params.wsi} tile {input.slide:q} --out {params.outdir:q} --slide-id {wildcards.slide:q}"
         " --workers {threads} --no-progress {params.args} > {log:q} 2>&1"
