@@ -22,12 +22,12 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, machine, table, timed  # noqa: E402
-
 from wsi_scaat.slides import open_slide  # noqa: E402
 from wsi_scaat.slides.tiling import TileParams, available_cores, tile_slide  # noqa: E402
 from wsi_scaat.slides.tissue import detect_slide_tissue  # noqa: E402
 from wsi_scaat.store.codecs import h5_filter  # noqa: E402
+
+from common import CACHE, machine, table, timed  # noqa: E402
 
 
 def bench_slide(size: int) -> Path:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
 from wsi_scaat.config import load_config, validate_config
 from wsi_scaat.errors import ConfigError
 from wsi_scaat.manifest import ManifestError, read_manifest
+
+from conftest import REPO
 
 BASE = {"cohort": {"name": "c", "manifest": "m.csv"}}
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import openslide
 import pytest
-from conftest import write_plain_tiff
 from PIL import Image
 
 from wsi_scaat.errors import MppUnknownError, SlideOpenError, SlideReadError
 from wsi_scaat.slides import open_slide
+
+from conftest import write_plain_tiff
 
 
 def test_real_svs_metadata_and_pixels(cmu_slide: Path) -> None:

@@ -143,9 +143,9 @@ def test_failure_mid_read_leaves_nothing(
 
 
 def test_missing_mpp_stops_tiling(tmp_path: Path) -> None:
-    from conftest import write_plain_tiff
-
     from wsi_scaat.errors import MppUnknownError
+
+    from conftest import write_plain_tiff
 
     path = write_plain_tiff(tmp_path / "nompp.tiff", np.full((256, 256, 3), 200, np.uint8), mpp=None)
     with pytest.raises(MppUnknownError, match="mpp-override"):

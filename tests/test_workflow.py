@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from wsi_scaat.store import open_store
+
+from conftest import REPO
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
