@@ -1,4 +1,5 @@
 # Config validation and input helpers shared by the rule files.
+import json
 import os
 import re
 import shlex
@@ -22,6 +23,7 @@ WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
 
 wildcard_constraints:
     slide="|".join(re.escape(s) for s in SLIDES) or "(?!)",
+    method="erm|scaat|advgrad|sgt",
 
 
 def store_output(path):
@@ -58,6 +60,33 @@ def get_tile_args(wildcards):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+def get_config_json(wildcards=None, section=None):
+    """The validated config (or one section) as JSON: a param, so a change re-runs the rule."""
+    data = CFG.model_dump(mode="json")
+    return json.dumps(data if section is None else data[section], sort_keys=True)
+
+
+def get_train_json(wildcards):
+    """The train section as JSON (a param of the train rule)."""
+    return get_config_json(section="train")
+
+
+def get_train_stores(wildcards):
+    """Patch stores of the slides the models learn from (splits train and val)."""
+    return [
+        f"{RESULTS}/tiles/{sid}.{STORE_EXT}"
+        for sid, entry in sorted(SLIDES.items())
+        if entry.split in ("train", "val")
+    ]
+
+
+def get_gpus(wildcards=None):
+    """GPUs a training or inference job asks for: one when the config requests CUDA."""
+    return 1 if CFG.train.device == "cuda" else 0
+
+
 def get_final_outputs():
     """Every final output of the stages that exist."""
-    return expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=sorted(SLIDES))
+    outputs = expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=sorted(SLIDES))
+    outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=CFG.train.methods)
+    return outputs

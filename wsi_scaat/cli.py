@@ -180,6 +180,63 @@ def tile(
         typer.echo(f"{store}: {len(s)} patches of {patch_size} px at {s.attrs['patch_mpp']:.3f} mpp")
 
 
+class MethodName(str, Enum):
+    erm = "erm"
+    scaat = "scaat"
+    advgrad = "advgrad"
+    sgt = "sgt"
+
+
+@app.command()
+@one_line_errors
+def train(
+    config: Annotated[list[Path], typer.Option(help="Config file(s), later ones overriding earlier ones.")],
+    method: Annotated[MethodName, typer.Option(help="Training method.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <results>/<cohort>/models/<method>).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from <out>/last.pt if made with these settings.")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Override train.epochs.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override train.device (auto, cpu, cuda).")] = None,
+    progress: Annotated[bool | None, typer.Option(help="Progress bars (default: on a terminal).")] = None,
+) -> None:
+    """Train a patch classifier with one method; writes last.pt, best.pt, metrics.csv, curves.png."""
+    from wsi_scaat.config import load_config, override
+    from wsi_scaat.training.trainer import fit
+
+    cfg = load_config(*config)
+    changes = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
+    if changes:
+        cfg = override(cfg, {"train": changes})
+    out = out or cfg.results / "models" / method.value
+    summary = fit(cfg, method.value, out, resume=resume, log=typer.echo, show_progress=progress)
+    best = summary["history"][summary["best_epoch"] - 1] if summary["history"] else None
+    if best:
+        typer.echo(f"{method.value}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
+                   f"val AUROC {best['val_auroc']:.3f}; checkpoints in {out}")  # fmt: skip
+
+
+@app.command("resolve-config")
+@one_line_errors
+def resolve_config(
+    out: Annotated[Path, typer.Option(help="YAML file to write.")],
+    config: Annotated[list[Path] | None, typer.Option(help="Config file(s) to merge and validate.")] = None,
+    json_text: Annotated[str | None, typer.Option("--json", help="The config as a JSON string.")] = None,
+) -> None:
+    """Validate a configuration and write it, complete with defaults, as one YAML file."""
+    import json
+
+    from wsi_scaat.config import load_config, validate_config, write_config
+
+    if (config is None) == (json_text is None):
+        raise ValueError("give either --config FILE(s) or --json TEXT")
+    cfg = load_config(*config) if config else validate_config(json.loads(json_text), source="--json")
+    write_config(cfg, out)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("check-config")
 @one_line_errors
 def check_config(
@@ -233,6 +290,16 @@ def outputs(
         if files:
             kinds = sorted({"".join(f.suffixes[-2:]) if f.name.count(".") > 1 else f.suffix for f in files})
             typer.echo(f"  {stage}/  {len(files)} entries ({', '.join(k or 'folders' for k in kinds)})")
+    models = sorted((root / "models").glob("*/best.pt"))
+    if models:
+        from wsi_scaat.training.checkpoint import load_checkpoint
+
+        typer.echo("models (validation metrics of best.pt):")
+        for path in models:
+            state = load_checkpoint(path)
+            row, total = state["history"][state["epoch"] - 1], state["config"]["train"]["epochs"]
+            typer.echo(f"  {state['method']:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
+                       f"{row['val_auroc']:.3f}  (epoch {state['epoch']} of {total})  {path}")  # fmt: skip
 
 
 if __name__ == "__main__":  # pragma: no cover

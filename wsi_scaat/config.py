@@ -13,8 +13,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from wsi_scaat.data.augment import AugmentConfig
 from wsi_scaat.errors import ConfigError
+from wsi_scaat.models import ModelConfig
 from wsi_scaat.schema import Section
+from wsi_scaat.training.methods import AdvGradConfig, ScaatConfig, SgtConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -65,6 +68,42 @@ class TilingConfig(Section):
         return v
 
 
+Method = Literal["erm", "scaat", "advgrad", "sgt"]
+
+
+class TrainConfig(Section):
+    methods: list[Method] = Field(["erm", "scaat"], min_length=1, description="methods the workflow trains")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    class_names: tuple[str, ...] = Field(("normal", "lesion"), min_length=2)
+    label_source: Literal["store", "slide"] = "store"
+    balance_classes: bool = True
+    epochs: int = Field(10, ge=1, le=10000)
+    batch_size: int = Field(64, ge=1, le=65536)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
+    select_by: Literal["val_auroc", "val_accuracy", "val_loss"] = "val_auroc"
+    seed: int = 0
+    num_workers: int = Field(0, ge=0, le=64)
+    amp: bool = True
+    channels_last: bool = True
+    deterministic: bool = True
+    scaat: ScaatConfig = ScaatConfig()
+    advgrad: AdvGradConfig = AdvGradConfig()
+    sgt: SgtConfig = SgtConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each method at most once")
+        return v
+
+
 class Config(Section):
     """The whole workflow configuration."""
 
@@ -73,6 +112,7 @@ class Config(Section):
     synth: SynthConfig | None = None
     tissue: TissueConfig = TissueConfig()
     tiling: TilingConfig = TilingConfig()
+    train: TrainConfig = TrainConfig()
 
     @property
     def results(self) -> Path:
@@ -108,6 +148,18 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
         else:
             out[key] = value
     return out
+
+
+def override(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with nested ``changes`` applied, validated again."""
+    return validate_config(deep_merge(cfg.model_dump(mode="json"), changes), source="overrides")
+
+
+def write_config(cfg: Config, path: str | Path) -> None:
+    """Write the complete, validated config (defaults filled in) as YAML, atomically."""
+    from wsi_scaat.atomic import write_text
+
+    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,158 @@
+"""Training-step cost of each method relative to ERM, on one model and one batch.
+
+A step is what the training loop does per batch: zero_grad, ``method.step`` (forwards, input
+gradients, loss), ``loss.backward()`` and the optimiser step. Warm-up steps are not timed; the
+methods take turns over several rounds so that machine noise hits them alike:
+
+    python benchmarks/bench_training.py [--model small_cnn|resnet18] [--batch 64] [--size 48]
+                                        [--device cpu] [--rounds 5] [--steps 10]
+
+Models come from ``wsi_scaat.models.build_model`` when that registry is importable; otherwise
+small_cnn is a local stand-in (4 x conv-BN-ReLU, 16-32-64-64 channels, stride 2, global average
+pooling, linear head) and resnet18 is torchvision's ``resnet18(weights=None)``. The ratios columns
+divide by ERM's mean step time and by its median per-round time (robust to other load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wsi_scaat.training.methods import (  # noqa: E402
+    AdvGradConfig,
+    Method,
+    ScaatConfig,
+    SgtConfig,
+    build_method,
+)
+
+from common import machine, table  # noqa: E402
+
+NUM_CLASSES = 2
+
+
+class SmallCNN(nn.Module):
+    """Stand-in small CNN: 4 x (conv 3x3 stride 2, BN, ReLU), global average pooling, linear head."""
+
+    def __init__(self, num_classes: int, widths: tuple[int, ...] = (16, 32, 64, 64)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = 3
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - 0.5) / 0.25  # the models normalise internally
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def make_model(name: str) -> tuple[nn.Module, str]:
+    """The model and where it came from."""
+    try:
+        from wsi_scaat.models import ModelConfig, build_model
+    except ImportError:
+        if name == "resnet18":
+            from torchvision.models import resnet18
+
+            return resnet18(weights=None, num_classes=NUM_CLASSES), "torchvision resnet18(weights=None)"
+        return SmallCNN(NUM_CLASSES), "local stand-in (wsi_scaat.models not importable)"
+    return build_model(ModelConfig(name=name), NUM_CLASSES), "wsi_scaat.models.build_model"
+
+
+def methods(device: str) -> list[tuple[str, Method]]:
+    """(label, method) of every configuration timed; ERM first."""
+    out: list[tuple[str, Method]] = [("erm", build_method("erm", None))]
+    from wsi_scaat.training.methods.base import fast_bf16
+
+    train = argparse.Namespace(scaat=ScaatConfig(steps=1, warmup_epochs=0), sgt=SgtConfig(), advgrad=None)
+    auto = "on" if fast_bf16(torch.device(device)) else "off"
+    out.append((f"scaat (steps=1, default: bf16 search auto={auto})", build_method("scaat", train)))
+    train.scaat = ScaatConfig(steps=1, warmup_epochs=0, bf16_search=False)
+    out.append(("scaat (steps=1, float32 search)", build_method("scaat", train)))
+    for variant in ("l1", "elastic", "group"):
+        for mode in ("fast", "iterative"):
+            train.advgrad = AdvGradConfig(variant=variant, mode=mode)
+            out.append((f"advgrad {variant} {mode}", build_method("advgrad", train)))
+    out.append(("sgt", build_method("sgt", train)))
+    return out
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, method: Method, x: Any, y: Any) -> None:
+    """One training-loop step."""
+    opt.zero_grad(set_to_none=True)
+    out = method.step(model, x, y, progress=10.0)
+    out.loss.backward()
+    opt.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["small_cnn", "resnet18"], default="small_cnn")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=48, help="patch side in pixels")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of turns (each method once per round)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
+    ap.add_argument("--only", nargs="*", help="time only these labels (plus erm)")
+    ap.add_argument(
+        "--channels-last", action="store_true", help="model and batch in channels_last memory format"
+    )
+    args = ap.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, source = make_model(args.model)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
+    runs = [(k, m) for k, m in methods(args.device) if k == "erm" or not args.only or k in args.only]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    times: dict[str, list[float]] = {k: [] for k, _ in runs}
+    for _label, method in runs:
+        for _ in range(args.warmup):
+            train_step(model, opt, method, x, y)
+    for _ in range(args.rounds):
+        for label, method in runs:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                train_step(model, opt, method, x, y)
+            sync()
+            times[label].append((time.perf_counter() - t0) / args.steps)
+
+    print(f"machine: {machine()}")
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"model: {args.model} ({source}), batch {args.batch}, {args.size} px, {layout}, device {device}")
+    print(f"{args.rounds} rounds x {args.steps} timed steps per method, after {args.warmup} warm-up steps")
+    erm, erm_median = statistics.mean(times["erm"]), statistics.median(times["erm"])
+    rows = []
+    for label, _ in runs:
+        mean, median = statistics.mean(times[label]), statistics.median(times[label])
+        rows.append(
+            {
+                "method": label,
+                "ms/step": 1000 * mean,
+                "x erm": mean / erm,
+                "x erm (medians)": median / erm_median,
+            }
+        )
+    print(table(rows, ["method", "ms/step", "x erm", "x erm (medians)"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+# Training: one patch classifier per method listed in train.methods.
+# last.pt is written but not declared, so that Snakemake keeps it and a re-run after a kill
+# resumes from it (--resume continues only when it was made with the same settings).
+
+
+rule train:
+    input:
+        stores=get_train_stores,
+        config=ancient(f"{RESULTS}/config.yaml"),
+    output:
+        best=f"{RESULTS}/models/{{method}}/best.pt",
+        metrics=f"{RESULTS}/models/{{method}}/metrics.csv",
+        curves=report(
+            f"{RESULTS}/models/{{method}}/curves.png",
+            caption="report/curves.rst",
+            category="Training",
+            subcategory="{method}",
+        ),
+    params:
+        wsi=WSI,
+        train=get_train_json,
+        outdir=get_parent,
+    resources:
+        gpu=get_gpus,
+    threads: 2
+    log:
+        f"{RESULTS}/logs/train/{{method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{method}}.tsv"
+    shell:
+        "{params.wsi} train --config {input.config:q} --method {wildcards.method}"
+        " --out {params.outdir:q} --resume --no-progress > {log:q} 2>&1"

@@ -1,0 +1,120 @@
+"""The training loop: checkpoints, exact resume, records, clear errors, the CLI."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from wsi_scaat.config import validate_config
+from wsi_scaat.training.checkpoint import load_checkpoint
+from wsi_scaat.training.loop import TrainingError
+from wsi_scaat.training.trainer import fit
+
+
+@pytest.fixture(scope="module")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Four synthetic slides tiled into 48-px stores; returns a config dict."""
+    from wsi_scaat.slides.tiling import TileParams, tile_slide
+    from wsi_scaat.synth import make_cohort
+
+    root = tmp_path_factory.mktemp("train")
+    manifest = make_cohort(root / "data", 4, 1024, 1024, seed=11)
+    tiles = root / "results" / "tiny" / "tiles"
+    params = TileParams(patch_size=32, target_mpp=2.0, min_tissue=0.3)
+    for row in csv.DictReader(manifest.open()):
+        ann = root / "data" / row["annotations"]
+        tile_slide(root / "data" / row["path"], tiles, params, slide_id=row["slide_id"], annotations=ann,
+                   progress=False)  # fmt: skip
+    return {
+        "cohort": {"name": "tiny", "manifest": str(manifest)},
+        "results_dir": str(root / "results"),
+        "tiling": {"patch_size": 32, "target_mpp": 2.0},
+        "train": {"device": "cpu", "epochs": 3, "batch_size": 16, "lr": 0.003,
+                  "model": {"name": "small_cnn", "width": 8}, "augment": {"color_jitter": 0.05},
+                  "scaat": {"warmup_epochs": 1}},
+    }  # fmt: skip
+
+
+def _cfg(base: dict, **train: object):
+    return validate_config({**base, "train": {**base["train"], **train}})
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("method", ["erm", "scaat"])
+def test_resume_equals_uninterrupted(tiny_cohort: dict, tmp_path: Path, method: str) -> None:
+    cfg = _cfg(tiny_cohort)
+    fit(cfg, method, tmp_path / "full", log=_quiet)
+    fit(cfg, method, tmp_path / "cut", stop_after=1, log=_quiet)  # "killed" after epoch 1
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
+    fit(cfg, method, tmp_path / "cut", resume=True, log=_quiet)
+    full, cut = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
+    assert full["epoch"] == cut["epoch"] == 3
+    for key, value in full["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    assert [r["train_loss"] for r in full["history"]] == [r["train_loss"] for r in cut["history"]]
+
+
+def test_checkpoint_contents_and_records(tiny_cohort: dict, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_cohort, epochs=2)
+    summary = fit(cfg, "erm", tmp_path, log=_quiet)
+    state = torch.load(tmp_path / "best.pt", weights_only=True)  # loads without unpickling code
+    for key in ("model", "optimizer", "config", "class_names", "normalization", "epoch", "patch_size",
+                "patch_mpp", "method", "history"):  # fmt: skip
+        assert key in state, key
+    assert state["class_names"] == ["normal", "lesion"] and state["patch_size"] == 32
+    assert state["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    assert state["config"]["train"]["epochs"] == 2 and state["method"] == "erm"
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_auroc", "lr"} <= set(rows[0])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert summary["epochs"] == 2 and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_resume_with_other_settings_starts_afresh(tiny_cohort: dict, tmp_path: Path) -> None:
+    fit(_cfg(tiny_cohort, epochs=1), "erm", tmp_path, log=_quiet)
+    lines: list[str] = []
+    fit(_cfg(tiny_cohort, epochs=1, lr=0.001), "erm", tmp_path, resume=True, log=lines.append)
+    assert any("starting afresh" in line for line in lines)
+
+
+def test_non_finite_loss_names_epoch_and_step(tiny_cohort: dict, tmp_path: Path, monkeypatch) -> None:
+    from wsi_scaat.training.methods import erm
+
+    original = erm.ErmMethod.step
+    calls = {"n": 0}
+
+    def poisoned(self, model, x, y, progress):
+        out = original(self, model, x, y, progress)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(erm.ErmMethod, "step", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at epoch 1, step 3"):
+        fit(_cfg(tiny_cohort, epochs=1), "erm", tmp_path, log=_quiet)
+
+
+def test_train_cli(tiny_cohort: dict, tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from wsi_scaat.cli import app
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_cohort))
+    out = tmp_path / "model"
+    result = CliRunner().invoke(app, ["train", "--config", str(config), "--method", "sgt", "--out", str(out),
+                                      "--epochs", "1", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sgt: best epoch 1" in result.output and (out / "best.pt").is_file()
+    bad = CliRunner().invoke(app, ["train", "--config", str(config), "--method", "erm", "--device", "cuda"])
+    if not torch.cuda.is_available():
+        assert bad.exit_code == 1 and "no CUDA device" in bad.output

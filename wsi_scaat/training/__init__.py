@@ -1,0 +1,1 @@
+"""Training: one loop shared by every method; methods only form the loss."""

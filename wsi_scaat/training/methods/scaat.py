@@ -1,0 +1,160 @@
+"""SCAAT: saliency-constrained adaptive adversarial training (this project's formulation).
+
+After Xu et al., BMVC 2023, which has no public code. Per batch: the target-logit input-gradient
+saliency of the current model picks, per sample, the least salient ``mask_ratio`` of the pixels
+(mask M); only those may be perturbed, each within eps_i = eps * (1 - r_i) ** gamma where r_i is the
+pixel's saliency rank in [0, 1]. A PGD search (random start, sign steps) maximises
+KL(f(x) || f(x + M delta)), and the loss is CE(f(x), y) + lam * KL(f(x) || f(x + M delta)) with the
+clean distribution detached as the target. See docs/methods.md.
+
+Cost: one clean forward serves the saliency (input-only gradient, graph kept), the KL target and the
+CE term; each PGD step is a forward plus an input-only backward with BatchNorm statistics frozen;
+one more forward gives the KL term. On CPU the search passes run on a channels-last copy of the
+batch. With ``bf16_search`` the saliency comes from a separate bfloat16 pass and the PGD passes run
+under bfloat16 autocast too.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from wsi_scaat.schema import Section
+from wsi_scaat.training.methods.base import (
+    Method,
+    StepOutput,
+    fast_bf16,
+    forward_with_saliency,
+    frozen_bn_stats,
+    kl_to_target,
+    num_selected,
+    search_autocast,
+    search_layout,
+    stable_argsort,
+    stats_dict,
+)
+
+
+class ScaatConfig(Section):
+    """Knobs of SCAAT (``train.scaat``)."""
+
+    mask_ratio: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="fraction of each patch's pixels (least salient first) that may be perturbed",
+    )
+    eps: float = Field(0.1, ge=0, le=1, description="l-inf budget (pixel units) of the least salient pixel")
+    gamma: float = Field(
+        1.0, ge=0, le=100, description="budget decay: eps_i = eps * (1 - r_i) ** gamma, r_i = saliency rank"
+    )
+    steps: int = Field(1, ge=0, le=100, description="PGD sign-steps after the random start")
+    alpha: float | None = Field(None, gt=0, le=1, description="PGD step size in pixel units; null: eps")
+    lam: float = Field(1.0, ge=0, le=1000, description="weight of the KL(clean || perturbed) term")
+    warmup_epochs: float = Field(
+        2.0, ge=0, le=1000, description="epochs of linear mask_ratio ramp-up from 0 (0: none)"
+    )
+    bf16_search: bool | Literal["auto"] = Field(
+        "auto",
+        description="saliency and PGD passes under bfloat16 autocast (faster; loss unchanged); "
+        "auto: where the hardware computes bf16 natively",
+    )
+
+
+def scaat_effective_ratio(mask_ratio: float, warmup_epochs: float, progress: float) -> float:
+    """The mask ratio after ``progress`` epochs: mask_ratio * min(1, progress / warmup_epochs)."""
+    if warmup_epochs <= 0:
+        return mask_ratio
+    return mask_ratio * min(1.0, max(0.0, progress) / warmup_epochs)
+
+
+def scaat_mask_and_budget(
+    saliency: torch.Tensor, mask_ratio: float, eps: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The perturbation mask and per-pixel budget of a (B, H, W) saliency map.
+
+    Pixels are ranked per sample by ascending saliency (stable sort: ties go to the lower flat index,
+    row-major). M (B, 1, H, W) is 1 on the ``floor(mask_ratio * H * W)`` lowest-ranked pixels, 0
+    elsewhere; eps_map (B, 1, H, W) = eps * (1 - rank / (H * W - 1)) ** gamma everywhere.
+    """
+    b, h, w = saliency.shape
+    n = h * w
+    dtype = saliency.dtype if saliency.is_floating_point() else torch.float32
+    order = stable_argsort(saliency.reshape(b, n))
+    positions = torch.arange(n, device=saliency.device).expand(b, n)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    mask = (rank < num_selected(mask_ratio, n)).to(dtype)
+    r = rank.to(dtype) / max(n - 1, 1)
+    eps_map = eps * (1.0 - r).pow(gamma)
+    return mask.reshape(b, 1, h, w), eps_map.reshape(b, 1, h, w)
+
+
+def scaat_perturbation(
+    model: nn.Module,
+    x: torch.Tensor,
+    target_probs: torch.Tensor,
+    mask: torch.Tensor,
+    eps_map: torch.Tensor,
+    steps: int,
+    alpha: float,
+    generator: torch.Generator | None = None,
+    bf16: bool = False,
+) -> torch.Tensor:
+    """PGD for max KL(target || f(x + delta)) with |delta| <= eps_map on M, 0 off M, x + delta in [0, 1].
+
+    ``delta`` starts uniformly in [-eps_i, eps_i] per element, then takes ``steps`` sign-steps of
+    size ``alpha``, each projected to the budget and the valid range. Only input gradients are taken
+    and BatchNorm running statistics are left as they were; with ``bf16`` the model runs under
+    bfloat16 autocast. Returns the detached delta (B, C, H, W).
+    """
+    x = search_layout(x)
+    bound = (eps_map * mask).to(x.dtype)  # 0 outside M: the projection keeps delta at 0 there
+    noise = torch.empty_like(x).uniform_(0, 1, generator=generator)  # keeps x's memory format
+    delta = (x + (2 * noise - 1) * bound).clamp(0, 1) - x
+    with frozen_bn_stats(model):
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            with search_autocast(x, bf16):
+                logits = model(x + delta)
+            # Summed, not averaged: the sign step ignores scale and a larger objective resists fp16 underflow.
+            objective = kl_to_target(logits, target_probs, reduction="sum")
+            (grad,) = torch.autograd.grad(objective, delta)
+            delta = torch.clamp(delta.detach() + alpha * grad.sign(), -bound, bound)
+            delta = (x + delta).clamp(0, 1) - x
+    return (delta * mask).detach()
+
+
+class ScaatMethod(Method):
+    """loss = CE(f(x), y) + lam * KL(f(x) || f(x + M delta)), clean distribution detached."""
+
+    name: ClassVar[str] = "scaat"
+    config_key: ClassVar[str | None] = "scaat"
+    config_class = ScaatConfig
+    cfg: ScaatConfig
+
+    def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepOutput:
+        cfg = self.cfg
+        ratio = scaat_effective_ratio(cfg.mask_ratio, cfg.warmup_epochs, progress)
+        if num_selected(ratio, x.shape[-2] * x.shape[-1]) == 0 or cfg.eps == 0 or cfg.lam == 0:
+            logits = model(x)  # nothing may be perturbed: the KL term is 0, skip its cost
+            ce = F.cross_entropy(logits, y)
+            return StepOutput(ce, logits.detach(), stats_dict(ce=ce, kl=0.0, mask_ratio=ratio))
+        bf16 = fast_bf16(x.device) if cfg.bf16_search == "auto" else cfg.bf16_search
+        if bf16:  # a cheap bf16 saliency pass, then a plain clean forward
+            with frozen_bn_stats(model), search_autocast(x, True):
+                _, grad = forward_with_saliency(model, search_layout(x), y, keep_graph=False)
+            logits = model(x)
+        else:  # one clean forward gives the saliency, the CE term and the KL target
+            logits, grad = forward_with_saliency(model, x, y)
+        ce = F.cross_entropy(logits, y)
+        target = F.softmax(logits.detach().float(), dim=1)
+        mask, eps_map = scaat_mask_and_budget(grad.abs().sum(1), ratio, cfg.eps, cfg.gamma)
+        alpha = cfg.eps if cfg.alpha is None else cfg.alpha
+        delta = scaat_perturbation(model, x, target, mask, eps_map, cfg.steps, alpha, bf16=bf16)
+        kl = kl_to_target(model(x + delta), target)
+        loss = ce + cfg.lam * kl
+        return StepOutput(loss, logits.detach(), stats_dict(ce=ce, kl=kl, mask_ratio=ratio))
