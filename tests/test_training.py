@@ -118,3 +118,17 @@ def test_train_cli(tiny_cohort: dict, tmp_path: Path) -> None:
     bad = CliRunner().invoke(app, ["train", "--config", str(config), "--method", "erm", "--device", "cuda"])
     if not torch.cuda.is_available():
         assert bad.exit_code == 1 and "no CUDA device" in bad.output
+
+
+def test_best_epoch_selection_breaks_ties_by_loss() -> None:
+    from wsi_scaat.training.loop import _score
+
+    rows = [
+        {"val_auroc": 1.0, "val_loss": 0.20, "val_accuracy": 0.9},
+        {"val_auroc": 1.0, "val_loss": 0.05, "val_accuracy": 0.9},
+        {"val_auroc": 0.9, "val_loss": 0.01, "val_accuracy": 0.9},
+        {"val_auroc": float("nan"), "val_loss": 0.01, "val_accuracy": 0.95},
+    ]
+    ranked = sorted(range(4), key=lambda i: _score(rows[i], "val_auroc"), reverse=True)
+    assert ranked == [1, 0, 3, 2]  # NaN AUROC falls back to accuracy 0.95 < 1.0 but > 0.9
+    assert max(range(3), key=lambda i: _score(rows[i], "val_loss")) == 2

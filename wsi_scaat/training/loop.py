@@ -182,13 +182,19 @@ def evaluate(model: nn.Module, loader: Any, rt: Runtime) -> dict[str, float]:
     }
 
 
-def _score(row: dict[str, float], select_by: str) -> float:
+def _score(row: dict[str, float], select_by: str) -> tuple[float, float]:
+    """Sort key of an epoch (higher is better): the selection metric, then the validation loss.
+
+    The loss breaks ties, e.g. between epochs whose AUROC has saturated at 1; a metric that is NaN
+    (AUROC on a one-class split) falls back to accuracy.
+    """
     value = row.get(select_by, float("nan"))
     if select_by == "val_loss":
         value = -value
-    if math.isnan(value):  # e.g. AUROC on a one-class split: fall back to accuracy, then to recency
+    if math.isnan(value):
         value = row.get("val_accuracy", float("nan"))
-    return -math.inf if math.isnan(value) else value
+    loss = row.get("val_loss", float("nan"))
+    return (-math.inf if math.isnan(value) else value, -math.inf if math.isnan(loss) else -loss)
 
 
 Logger = Callable[[str], None]
@@ -199,7 +205,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
     out_dir.mkdir(parents=True, exist_ok=True)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     tc = job.cfg.train
-    start, best_score, best_epoch, history = 0, -math.inf, -1, []
+    start, best_score, best_epoch, history = 0, (-math.inf, -math.inf), -1, []
     if resume and last.is_file():
         state = load_checkpoint(last, job.rt.device)
         if state.get("train_hash") == job.train_hash and best.is_file():
@@ -208,7 +214,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
             job.scheduler.load_state_dict(state["scheduler"])
             job.scaler.load_state_dict(state["scaler"])
             start, history = int(state["epoch"]), list(state["history"])
-            best_score, best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+            best_score, best_epoch = tuple(state["best_metric"]), int(state["best_epoch"])
             log(f"resuming from {last} after epoch {start}")
         else:
             log(f"{last} was made with other settings: starting afresh")

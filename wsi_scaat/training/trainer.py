@@ -60,7 +60,7 @@ class TrainJob:
             if hasattr(dataset, "set_epoch"):
                 dataset.set_epoch(epoch)
 
-    def checkpoint_state(self, epoch: int, best_metric: float, best_epoch: int, history: list) -> dict:
+    def checkpoint_state(self, epoch: int, best_metric: tuple, best_epoch: int, history: list) -> dict:
         """The self-describing checkpoint dict after ``epoch`` epochs."""
         mc = self.cfg.train.model
         return {
@@ -69,7 +69,7 @@ class TrainJob:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": epoch,
-            "best_metric": best_metric,
+            "best_metric": list(best_metric),
             "best_epoch": best_epoch,
             "history": history,
             "method": self.method_name,
