@@ -12,6 +12,9 @@ include: "pipelines/common.smk"
 include: "pipelines/config.smk"
 include: "pipelines/tile.smk"
 include: "pipelines/train.smk"
+include: "pipelines/saliency.smk"
+include: "pipelines/stitch.smk"
+include: "pipelines/export.smk"
 
 
 rule all:

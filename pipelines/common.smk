@@ -24,6 +24,7 @@ WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
 wildcard_constraints:
     slide="|".join(re.escape(s) for s in SLIDES) or "(?!)",
     method="erm|scaat|advgrad|sgt",
+    model="erm|scaat|advgrad|sgt|pretrained",
 
 
 def store_output(path):
@@ -34,6 +35,11 @@ def store_output(path):
 def get_parent(wildcards, output):
     """Folder of a rule's first output (where the CLI writes)."""
     return os.path.dirname(output[0])
+
+
+def get_slide_path(wildcards):
+    """The slide file of a manifest row."""
+    return str(SLIDES[wildcards.slide].path)
 
 
 def get_slide_inputs(wildcards):
@@ -85,8 +91,60 @@ def get_gpus(wildcards=None):
     return 1 if CFG.train.device == "cuda" else 0
 
 
+def get_checkpoint(wildcards):
+    """The checkpoint that explains the cohort: the configured one, or the model trained here."""
+    if CFG.model_checkpoint is not None:
+        return str(CFG.model_checkpoint)
+    return f"{RESULTS}/models/{wildcards.model}/best.pt"
+
+
+def get_saliency_args(wildcards):
+    """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
+    s = CFG.saliency
+    args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
+            "--batch-size", s.batch_size, "--device", s.device]
+    for key, value in sorted(s.options.items()):
+        args += ["--option", f"{key}={value}"]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def get_stitch_args(wildcards):
+    """Flags of `wsi-scaat stitch` from the config, shell-quoted."""
+    s = CFG.stitch
+    args = ["--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
+            "--high-percentile", s.high_percentile, "--mask-tissue" if s.mask_tissue else "--no-mask-tissue"]
+    if s.scheduler:
+        args += ["--scheduler", s.scheduler]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def get_export_args(wildcards):
+    """Flags of `wsi-scaat export` from the config and the manifest, shell-quoted."""
+    e = CFG.export
+    args = ["--slide", SLIDES[wildcards.slide].path, "--colormap", e.colormap,
+            "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
+            "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
+            "--tile-size", e.tile_size]
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+EXPORTS = {
+    "tiles": "tiles.geojson",
+    "regions": "regions.geojson",
+    "overlay": "overlay.png",
+    "heatmap_png": "heatmap.png",
+    "thumbnail": "thumbnail.png",
+    "figure": "figure.png",
+    "ome_tiff": "heatmap.ome.tif",
+    "ome_tiff_rgb": "heatmap_rgb.ome.tif",
+}
+
+
 def get_final_outputs():
-    """Every final output of the stages that exist."""
+    """Every final output of the workflow: stores, models (unless given), exports per model and slide."""
     outputs = expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=sorted(SLIDES))
-    outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=CFG.train.methods)
+    if CFG.model_checkpoint is None:
+        outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=CFG.train.methods)
+    outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.{{kind}}", model=CFG.models,
+                      slide=sorted(SLIDES), kind=["tiles.geojson", "regions.geojson", "overlay.png"])
     return outputs

@@ -14,30 +14,6 @@ from wsi_scaat.training.loop import TrainingError
 from wsi_scaat.training.trainer import fit
 
 
-@pytest.fixture(scope="module")
-def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Four synthetic slides tiled into 48-px stores; returns a config dict."""
-    from wsi_scaat.slides.tiling import TileParams, tile_slide
-    from wsi_scaat.synth import make_cohort
-
-    root = tmp_path_factory.mktemp("train")
-    manifest = make_cohort(root / "data", 4, 1024, 1024, seed=11)
-    tiles = root / "results" / "tiny" / "tiles"
-    params = TileParams(patch_size=32, target_mpp=2.0, min_tissue=0.3)
-    for row in csv.DictReader(manifest.open()):
-        ann = root / "data" / row["annotations"]
-        tile_slide(root / "data" / row["path"], tiles, params, slide_id=row["slide_id"], annotations=ann,
-                   progress=False)  # fmt: skip
-    return {
-        "cohort": {"name": "tiny", "manifest": str(manifest)},
-        "results_dir": str(root / "results"),
-        "tiling": {"patch_size": 32, "target_mpp": 2.0},
-        "train": {"device": "cpu", "epochs": 3, "batch_size": 16, "lr": 0.003,
-                  "model": {"name": "small_cnn", "width": 8}, "augment": {"color_jitter": 0.05},
-                  "scaat": {"warmup_epochs": 1}},
-    }  # fmt: skip
-
-
 def _cfg(base: dict, **train: object):
     return validate_config({**base, "train": {**base["train"], **train}})
 

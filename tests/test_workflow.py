@@ -82,3 +82,30 @@ def test_zarr_format_from_config(cohort: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     with open_store(target) as store:
         assert store.format == "zarr" and store.attrs["patch_size"] == 64
+
+
+def test_new_cohort_with_trained_model_trains_nothing(
+    cohort: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    cfg = {
+        "cohort": {"name": "new", "manifest": str(cohort)},
+        "results_dir": str(tmp_path / "results"),
+        "tiling": {"patch_size": 32, "target_mpp": 2.0, "min_tissue": 0.3},
+        "model_checkpoint": str(tiny_checkpoint),
+        "export": {"thumbnail_size": 256},
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    plan = _run("-n", "--quiet", "rules", "--configfile", str(config), cwd=tmp_path)
+    assert plan.returncode == 0, plan.stderr
+    text = plan.stdout + plan.stderr
+    assert "train" not in text.split()
+    for rule in ("tile", "saliency", "stitch", "export"):
+        assert rule in text.split(), rule
+    run = _run("--cores", "2", "--configfile", str(config), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    export = tmp_path / "results/new/export/pretrained"
+    for sid in ("synth_000", "synth_001", "synth_002"):
+        for kind in ("tiles.geojson", "regions.geojson", "overlay.png", "heatmap.ome.tif", "figure.png"):
+            assert (export / f"{sid}.{kind}").is_file(), (sid, kind)
+    assert not (tmp_path / "results/new/models").exists()

@@ -114,8 +114,14 @@ def synth(
             raise ValueError(f"{', '.join(map(str, config))}: no `synth:` section")
         s = cfg.synth
         out, slides, width, height, seed, mpp, lesion_fraction = (
-            s.out, s.slides, s.width, s.height, s.seed, s.mpp, s.lesion_slide_fraction
-        )  # fmt: skip
+            s.out,
+            s.slides,
+            s.width,
+            s.height,
+            s.seed,
+            s.mpp,
+            s.lesion_slide_fraction,
+        )
     if out is None:
         raise ValueError("give --out DIR (or --config FILE with a `synth:` section)")
     manifest, made = ensure_cohort(
@@ -160,10 +166,17 @@ def tile(
     if overlap >= patch_size:
         raise ValueError(f"--overlap ({overlap}) must be smaller than --patch-size ({patch_size})")
     params = TileParams(
-        patch_size=patch_size, target_mpp=target_mpp, overlap=overlap, min_tissue=min_tissue,
-        format=format.value, compression=compression.value, thumbnail_mpp=thumbnail_mpp,
-        label_threshold=label_threshold, workers=workers, region_size=region_size,
-    )  # fmt: skip
+        patch_size=patch_size,
+        target_mpp=target_mpp,
+        overlap=overlap,
+        min_tissue=min_tissue,
+        format=format.value,
+        compression=compression.value,
+        thumbnail_mpp=thumbnail_mpp,
+        label_threshold=label_threshold,
+        workers=workers,
+        region_size=region_size,
+    )
     sid = check_slide_id(slide_id) if slide_id else None
     store = tile_slide(
         slide,
@@ -214,8 +227,127 @@ def train(
     summary = fit(cfg, method.value, out, resume=resume, log=typer.echo, show_progress=progress)
     best = summary["history"][summary["best_epoch"] - 1] if summary["history"] else None
     if best:
-        typer.echo(f"{method.value}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
-                   f"val AUROC {best['val_auroc']:.3f}; checkpoints in {out}")  # fmt: skip
+        typer.echo(
+            f"{method.value}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
+            f"val AUROC {best['val_auroc']:.3f}; checkpoints in {out}"
+        )
+
+
+def _options(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs as a dict, values parsed as int, float or kept as text."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects key=value, got {pair!r}")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = value
+    return out
+
+
+@app.command()
+@one_line_errors
+def saliency(
+    checkpoint: Annotated[Path, typer.Option(help="Trained checkpoint (best.pt).")],
+    store: Annotated[Path, typer.Option(help="Patch store of one slide (.h5 or .zarr).")],
+    out: Annotated[Path, typer.Option(help="Output folder for <slide_id>.saliency.zarr.")],
+    method: Annotated[str, typer.Option(help="Attribution method (see wsi_scaat.saliency).")] = "gradient",
+    target: Annotated[str, typer.Option(help="'predicted' or a class name.")] = "predicted",
+    map_downsample: Annotated[int, typer.Option(min=1, help="Store maps at patch size / this.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per batch.")] = 128,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    option: Annotated[
+        list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
+    ] = None,
+    progress: Annotated[bool | None, typer.Option(help="Progress bar (default: on a terminal).")] = None,
+) -> None:
+    """Class probabilities and saliency maps of every patch of a store."""
+    from wsi_scaat.saliency.stage import run_saliency
+
+    path = run_saliency(
+        checkpoint,
+        store,
+        out,
+        method=method,
+        target=target,
+        map_downsample=map_downsample,
+        batch_size=batch_size,
+        device=device,
+        options=_options(option),
+        progress=progress,
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@one_line_errors
+def stitch(
+    saliency_store: Annotated[Path, typer.Argument(help="A <slide_id>.saliency.zarr store.")],
+    out: Annotated[Path, typer.Option(help="The <slide_id>.heatmap.zarr pyramid to write.")],
+    chunk: Annotated[int, typer.Option(min=64, help="Heatmap chunk side in pixels.")] = 1024,
+    window: Annotated[str, typer.Option(help="Blending window: hann or flat.")] = "hann",
+    low_percentile: Annotated[float, typer.Option(min=0, max=100, help="Normalisation low clip.")] = 1.0,
+    high_percentile: Annotated[float, typer.Option(min=0, max=100, help="Normalisation high clip.")] = 99.0,
+    mask_tissue: Annotated[bool, typer.Option(help="Zero the heatmap outside the tissue mask.")] = True,
+    scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show dask's progress bar.")] = False,
+) -> None:
+    """Stitch patch saliency maps into a slide heatmap pyramid (zarr), out of core with dask."""
+    from wsi_scaat.heatmaps.stitching import stitch as run_stitch
+
+    path = run_stitch(
+        saliency_store,
+        out,
+        chunk=chunk,
+        window=window,
+        low_percentile=low_percentile,
+        high_percentile=high_percentile,
+        mask_tissue=mask_tissue,
+        scheduler=scheduler,
+        progress=progress,
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@one_line_errors
+def export(
+    heatmap: Annotated[Path, typer.Argument(help="A <slide_id>.heatmap.zarr pyramid.")],
+    saliency_store: Annotated[Path, typer.Option("--saliency", help="The slide's saliency store.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    slide: Annotated[
+        Path | None, typer.Option(help="The slide (default: the path recorded in the store).")
+    ] = None,
+    colormap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "inferno",
+    overlay_alpha: Annotated[float, typer.Option(min=0, max=1, help="Overlay opacity at saliency 1.")] = 0.45,
+    region_threshold: Annotated[float, typer.Option(min=0, max=1, help="High-saliency threshold.")] = 0.5,
+    min_region_area_um2: Annotated[float, typer.Option(min=0, help="Smallest region kept (um^2).")] = 2000.0,
+    thumbnail_size: Annotated[int, typer.Option(min=64, help="Longer side of the PNGs.")] = 2048,
+    tile_size: Annotated[int, typer.Option(min=64, help="OME-TIFF tile side.")] = 512,
+) -> None:
+    """OME-TIFF heatmaps, PNG thumbnails/overlay/figure and QuPath GeoJSON (tiles, regions)."""
+    from wsi_scaat.heatmaps.export import export_slide
+
+    paths = export_slide(
+        heatmap,
+        saliency_store,
+        out,
+        slide_path=slide,
+        colormap=colormap,
+        overlay_alpha=overlay_alpha,
+        region_threshold=region_threshold,
+        min_region_area_um2=min_region_area_um2,
+        thumbnail_size=thumbnail_size,
+        tile_size=tile_size,
+    )
+    for kind, path in paths.items():
+        typer.echo(f"{kind}: {path}")
 
 
 @app.command("resolve-config")
@@ -285,11 +417,16 @@ def outputs(
     if not root.exists():
         raise ValueError(f"{root}: no outputs yet (run snakemake first)")
     typer.echo(f"outputs of cohort {cfg.cohort.name!r} under {root}/")
-    for stage in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(f for f in stage.iterdir() if not f.name.startswith("."))
-        if files:
-            kinds = sorted({"".join(f.suffixes[-2:]) if f.name.count(".") > 1 else f.suffix for f in files})
-            typer.echo(f"  {stage}/  {len(files)} entries ({', '.join(k or 'folders' for k in kinds)})")
+    for stage in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in ("logs", "benchmarks")):
+        folders = [stage] + sorted(p for p in stage.iterdir() if p.is_dir() and not p.suffix)
+        for folder in folders:
+            files = sorted(
+                f for f in folder.iterdir() if not f.name.startswith(".") and (f.is_file() or f.suffix)
+            )
+            if files:
+                kinds = sorted({".".join(f.name.split(".")[1:]) or "(no suffix)" for f in files})
+                typer.echo(f"  {folder}/  {len(files)} files ({', '.join(kinds)})")
+    typer.echo(f"  logs: {root / 'logs'}/<stage>/...")
     models = sorted((root / "models").glob("*/best.pt"))
     if models:
         from wsi_scaat.training.checkpoint import load_checkpoint
@@ -298,8 +435,10 @@ def outputs(
         for path in models:
             state = load_checkpoint(path)
             row, total = state["history"][state["epoch"] - 1], state["config"]["train"]["epochs"]
-            typer.echo(f"  {state['method']:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
-                       f"{row['val_auroc']:.3f}  (epoch {state['epoch']} of {total})  {path}")  # fmt: skip
+            typer.echo(
+                f"  {state['method']:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
+                f"{row['val_auroc']:.3f}  (epoch {state['epoch']} of {total})  {path}"
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

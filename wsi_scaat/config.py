@@ -104,6 +104,59 @@ class TrainConfig(Section):
         return v
 
 
+Attribution = Literal[
+    "gradient", "grad_x_input", "smoothgrad", "integrated_gradients", "gradcam", "mask_opt", "mask_opt_gd"
+]
+
+
+class SaliencyConfig(Section):
+    method: Attribution = "gradient"
+    target: str = Field("predicted", description="'predicted' or a class name")
+    map_downsample: int = Field(1, ge=1, le=64, description="patch maps stored at patch_size / this")
+    batch_size: int = Field(128, ge=1, le=65536)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    options: dict[str, float | int | str] = Field(
+        default_factory=dict, description="method keyword arguments"
+    )
+
+
+class StitchConfig(Section):
+    chunk: int = Field(1024, ge=64, le=16384, description="heatmap chunk side (pixels)")
+    window: Literal["hann", "flat"] = "hann"
+    low_percentile: float = Field(1.0, ge=0, le=100)
+    high_percentile: float = Field(99.0, ge=0, le=100)
+    mask_tissue: bool = True
+    scheduler: str | None = Field(None, description="dask.distributed scheduler address; null: local threads")
+
+    @field_validator("high_percentile")
+    @classmethod
+    def _ordered(cls, v: float, info: Any) -> float:
+        low = info.data.get("low_percentile")
+        if low is not None and v <= low:
+            raise ValueError(f"must be above low_percentile ({low})")
+        return v
+
+
+class ExportConfig(Section):
+    colormap: str = "inferno"
+    overlay_alpha: float = Field(0.45, ge=0, le=1)
+    region_threshold: float = Field(
+        0.5, gt=0, lt=1, description="heatmap value outlining high-saliency regions"
+    )
+    min_region_area_um2: float = Field(2000.0, ge=0)
+    thumbnail_size: int = Field(2048, ge=64, le=16384)
+    tile_size: int = Field(512, ge=64, le=4096)
+
+    @field_validator("colormap")
+    @classmethod
+    def _known_colormap(cls, v: str) -> str:
+        import matplotlib
+
+        if v not in matplotlib.colormaps:
+            raise ValueError(f"unknown matplotlib colormap {v!r}")
+        return v
+
+
 class Config(Section):
     """The whole workflow configuration."""
 
@@ -113,6 +166,17 @@ class Config(Section):
     tissue: TissueConfig = TissueConfig()
     tiling: TilingConfig = TilingConfig()
     train: TrainConfig = TrainConfig()
+    model_checkpoint: Path | None = Field(
+        None, description="a trained checkpoint: the workflow explains the cohort with it and trains nothing"
+    )
+    saliency: SaliencyConfig = SaliencyConfig()
+    stitch: StitchConfig = StitchConfig()
+    export: ExportConfig = ExportConfig()
+
+    @property
+    def models(self) -> list[str]:
+        """Names of the models the workflow explains: the trained methods, or 'pretrained'."""
+        return ["pretrained"] if self.model_checkpoint is not None else list(self.train.methods)
 
     @property
     def results(self) -> Path:

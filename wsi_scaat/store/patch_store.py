@@ -40,12 +40,16 @@ def store_suffix(fmt: str) -> str:
     return "." + fmt
 
 
-def _plain(value: Any) -> Any:
-    """Attribute value as a plain Python/JSON type."""
+def plain(value: Any) -> Any:
+    """An attribute value as a plain JSON type (HDF5 gives NumPy scalars and arrays back)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
     return value
 
 
@@ -99,9 +103,9 @@ class H5Writer(PatchStoreWriter):
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
         for key, value in attrs.items():
-            self._file.attrs[key] = _plain(value)
+            self._file.attrs[key] = plain(value)
             if "coords" in self._file:
-                self._file["coords"].attrs[key] = _plain(value)
+                self._file["coords"].attrs[key] = plain(value)
 
     def close(self) -> None:
         self._file.close()
@@ -136,7 +140,7 @@ class ZarrWriter(PatchStoreWriter):
         arr[...] = data
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
-        plain = {k: _plain(v) for k, v in attrs.items()}
+        plain = {k: plain(v) for k, v in attrs.items()}
         self._root.attrs.update(plain)
         if "coords" in self._root:
             self._root["coords"].attrs.update(plain)
@@ -175,7 +179,7 @@ class PatchStore:
         try:
             if self.format == "h5":
                 self._h = h5py.File(self.path, "r")
-                self.attrs = {k: _plain(v) for k, v in self._h.attrs.items()}
+                self.attrs = {k: plain(v) for k, v in self._h.attrs.items()}
             elif self.format == "zarr":
                 import zarr
 

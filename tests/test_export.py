@@ -1,0 +1,226 @@
+"""Review exports: OME-TIFF heatmaps line up with the slide, PNGs share one grid, QuPath GeoJSON."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+import tifffile
+import zarr
+from shapely.geometry import Point, shape
+
+from wsi_scaat.heatmaps import export, figures, geojson, ometiff
+from wsi_scaat.saliency.store import create_saliency_store
+
+W, H, MPP = 1024, 768, 0.5
+PATCH0, MAP = 128, 16  # level-0 patch side, map side: hd = 8
+HD = PATCH0 // MAP
+LOW, HIGH = 0.0, 2.0  # the heatmap's normalisation: value = raw / 2
+SQUARE = (256, 512, 384, 640)  # bright square in level-0 px: y0, y1, x0, x1 (2 x 2 patches)
+TISSUE_X0 = 128  # no tissue (and no patches) left of this
+CLASSES = ["normal", "tumour"]
+
+
+def _value(y: int, x: int) -> float:
+    """The heatmap's value at a level-0 position."""
+    if x < TISSUE_X0:
+        return 0.0
+    y0, y1, x0, x1 = SQUARE
+    return 0.9 if (y0 <= y < y1 and x0 <= x < x1) else 0.1
+
+
+def _write_heatmap(path: Path, attrs: dict) -> np.ndarray:
+    """A heatmap pyramid per the contract (level 0 is already <= 512 px: one level)."""
+    level0 = np.array([[_value(r * HD, c * HD) for c in range(W // HD)] for r in range(H // HD)], np.float32)
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_array("0", data=level0, chunks=(64, 64))
+    scale = MPP * HD
+    root.attrs.update(attrs | {
+        "heatmap_downsample": float(HD), "level_downsamples": [1], "window": "hann", "heatmap_version": 1,
+        "normalization": {"method": "percentile", "low_percentile": 1.0, "high_percentile": 99.0,
+                          "low": LOW, "high": HIGH},
+        "multiscales": [{"axes": [{"name": "y", "type": "space", "unit": "micrometer"},
+                                  {"name": "x", "type": "space", "unit": "micrometer"}],
+                         "datasets": [{"path": "0", "coordinateTransformations": [
+                             {"type": "scale", "scale": [scale, scale]}]}]}],
+    })  # fmt: skip
+    return level0
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Slide, saliency store and heatmap of one synthetic slide, and its exports."""
+    from wsi_scaat.synth import make_slide
+
+    folder = tmp_path_factory.mktemp("export")
+    slide = folder / "s1.tiff"
+    make_slide(slide, W, H, seed=1, mpp=MPP, lesions=False)
+    xs, ys = np.meshgrid(np.arange(TISSUE_X0, W, PATCH0), np.arange(0, H, PATCH0))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    bright = np.array([_value(y, x) > 0.5 for x, y in coords])
+    maps = np.where(bright, 0.9 * HIGH, 0.1 * HIGH)[:, None, None] * np.ones((1, MAP, MAP))
+    maps[:, 0, 0] *= 1.5  # a max above the mean (0.15 or 1.0 after normalisation)
+    probs = np.stack([1 - np.where(bright, 0.8, 0.2), np.where(bright, 0.8, 0.2)], 1)
+    tissue = np.ones((H // 32, W // 32), np.uint8)
+    tissue[:, : TISSUE_X0 // 32] = 0
+    attrs = {
+        "slide_id": "s1", "source_path": str(slide), "slide_width": W, "slide_height": H, "mpp_level0": MPP,
+        "patch_size": 64, "patch_size_level0": PATCH0, "map_size": MAP, "map_downsample": 4,
+        "class_names": CLASSES, "saliency_method": "gradient", "saliency_target": "predicted",
+        "model_method": "scaat", "tissue_downsample": 32.0,
+    }  # fmt: skip
+    store = folder / "s1.saliency.zarr"
+    with create_saliency_store(store, len(coords), 2, MAP, attrs) as writer:
+        writer.write_array("coords", coords)
+        writer.write_array("tissue_mask", tissue)
+        writer.write(0, maps, probs, np.argmax(probs, 1))
+    heatmap = folder / "s1.heatmap.zarr"
+    level0 = _write_heatmap(heatmap, attrs)
+    out = export.export_slide(heatmap, store, folder / "out", thumbnail_size=256, tile_size=256)
+    return {"slide": slide, "store": store, "heatmap": heatmap, "level0": level0, "coords": coords,
+            "bright": bright, "out": out, "folder": folder}  # fmt: skip
+
+
+def test_returns_every_output(case: dict) -> None:
+    out = case["out"]
+    assert set(out) == {"ome_tiff", "ome_tiff_rgb", "thumbnail", "heatmap_png", "overlay", "figure", "tiles",
+                        "regions"}  # fmt: skip
+    assert all(p.is_file() and p.name.startswith("s1.") for p in out.values())
+    assert sorted(p.name for p in out["tiles"].parent.iterdir()) == sorted(p.name for p in out.values())
+
+
+def test_ome_tiff_lines_up_with_slide(case: dict) -> None:
+    expected = ometiff.to_uint8(np.repeat(np.repeat(case["level0"], HD, 0), HD, 1))
+    with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:
+        assert tif.is_ome
+        series = tif.series[0]
+        assert [lv.shape for lv in series.levels] == [(H, W), (H // 2, W // 2)]
+        pixels = re.search(r"<Pixels [^>]*>", tif.ome_metadata).group(0)
+        assert 'PhysicalSizeX="0.5"' in pixels and 'PhysicalSizeY="0.5"' in pixels
+        level0 = series.levels[0].asarray()
+        assert level0.dtype == np.uint8 and tif.pages[0].compression == 8  # deflate
+        np.testing.assert_array_equal(level0, expected)
+        assert level0[300, 400] == round(255 * 0.9) and level0[100, 200] == round(255 * 0.1)
+        np.testing.assert_array_equal(series.levels[1].asarray(), expected[1::2, 1::2])
+    with tifffile.TiffFile(case["out"]["ome_tiff_rgb"]) as tif:
+        rgb = tif.series[0].levels[0].asarray()
+        assert rgb.shape == (H, W, 3) and len(tif.series[0].levels) == 2
+    np.testing.assert_array_equal(rgb, ometiff.colormap_lut("inferno")[expected])
+
+
+def test_ome_tiff_opens_in_tiatoolbox_and_openslide(case: dict) -> None:
+    import openslide
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    reader = WSIReader.open(case["out"]["ome_tiff_rgb"])  # tiatoolbox: YXS/CYX axes only (not grey YX)
+    assert np.allclose(np.asarray(reader.info.mpp, dtype=float), MPP)
+    assert tuple(reader.info.slide_dimensions) == (W, H) and reader.info.level_count == 2
+    patch = reader.read_rect((400, 300), (4, 4), resolution=0, units="level")
+    assert (patch == ometiff.colormap_lut("inferno")[round(255 * 0.9)]).all()
+    with openslide.OpenSlide(case["out"]["ome_tiff"]) as slide:  # generic TIFF: level 0 only (SubIFDs unseen)
+        assert slide.dimensions == (W, H) and float(slide.properties["openslide.mpp-x"]) == pytest.approx(MPP)
+
+
+def test_ome_tiff_levels_from_the_matching_heatmap_level(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    levels = [rng.random((1200, 1000), dtype=np.float32)]
+    while max(levels[-1].shape) > 512:
+        v = levels[-1]
+        levels.append(v.reshape(v.shape[0] // 2, 2, v.shape[1] // 2, 2).mean((1, 3)))
+    path = ometiff.write_heatmap_ome_tiff(tmp_path / "h.ome.tif", levels, 1.0, (1000, 1200), 0.25, tile_size=128)
+    with tifffile.TiffFile(path) as tif:
+        got = [lv.asarray() for lv in tif.series[0].levels]
+    assert [g.shape for g in got] == [(1200, 1000), (600, 500), (300, 250)]
+    for g, level in zip(got, levels, strict=True):
+        np.testing.assert_array_equal(g, ometiff.to_uint8(level))
+    assert ometiff.source_level(3.0, 1.0, 3) == 1 and ometiff.source_level(0.5, 1.0, 3) == 0
+
+
+def test_pngs_share_one_grid(case: dict) -> None:
+    from PIL import Image
+
+    out = case["out"]
+    images = {k: Image.open(out[k]) for k in ("thumbnail", "heatmap_png", "overlay", "figure")}
+    thumb, heat, over = (np.asarray(images[k].convert("RGB")) for k in ("thumbnail", "heatmap_png", "overlay"))
+    assert thumb.shape == heat.shape == over.shape and max(thumb.shape[:2]) == 256
+    ds = float(images["thumbnail"].text["downsample"])
+    assert images["overlay"].text["downsample"] == images["heatmap_png"].text["downsample"] == repr(ds)
+    assert images["figure"].size[0] > 1000
+
+    def at(y: float, x: float) -> tuple[int, int]:  # level-0 position -> thumbnail pixel
+        return int(y / ds), int(x / ds)
+
+    lut = ometiff.colormap_lut("inferno")
+    for (y, x), v in (((384, 512), 0.9), ((100, 250), 0.1)):  # square centre, elsewhere (bilinear)
+        assert np.abs(heat[at(y, x)].astype(int) - lut[round(255 * v)]).max() <= 3
+    outside = np.zeros(thumb.shape[:2], bool)
+    outside[:, : int(TISSUE_X0 / ds) - 1] = True  # no tissue
+    np.testing.assert_array_equal(over[outside], thumb[outside])
+    r0, c0 = at(SQUARE[0] + 16, SQUARE[2] + 16)
+    r1, c1 = at(SQUARE[1] - 16, SQUARE[3] - 16)
+    assert (over[r0:r1, c0:c1] != thumb[r0:r1, c0:c1]).any(axis=2).all()  # inside the square: overlaid
+
+
+def test_tiles_geojson(case: dict) -> None:
+    doc = json.loads(case["out"]["tiles"].read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == len(case["coords"])
+    for feature, (x, y), bright in zip(doc["features"], case["coords"].tolist(), case["bright"], strict=True):
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon"
+        assert ring == [[x, y], [x + PATCH0, y], [x + PATCH0, y + PATCH0], [x, y + PATCH0], [x, y]]
+        props = feature["properties"]
+        assert props["objectType"] == "tile" and props["isLocked"] is True
+        m = props["measurements"]
+        assert isinstance(m, dict) and set(m) == {"prob_normal", "prob_tumour", "saliency_mean", "saliency_max"}
+        assert m["prob_tumour"] == pytest.approx(0.8 if bright else 0.2, abs=1e-4)
+        assert 0.0 <= m["saliency_mean"] <= m["saliency_max"] <= 1.0
+        v = 0.9 if bright else 0.1
+        assert m["saliency_mean"] == pytest.approx(v + (min(1.0, 1.5 * v) - v) / MAP**2, abs=1e-3)
+        assert m["saliency_max"] == pytest.approx(min(1.0, 1.5 * v), abs=1e-3)
+
+
+def test_regions_geojson(case: dict) -> None:
+    doc = json.loads(case["out"]["regions"].read_text())
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 1
+    feature = doc["features"][0]
+    poly = shape(feature["geometry"])
+    y0, y1, x0, x1 = SQUARE
+    assert poly.is_valid and poly.area == pytest.approx((y1 - y0) * (x1 - x0), rel=0.03)
+    assert poly.contains(Point((x0 + x1) / 2, (y0 + y1) / 2))
+    assert poly.bounds == pytest.approx((x0, y0, x1, y1), abs=HD)
+    props = feature["properties"]
+    assert props["objectType"] == "annotation" and props["classification"]["name"] == "saliency-high"
+    m = props["measurements"]
+    assert m["area_um2"] == pytest.approx(poly.area * MPP**2)
+    assert m["saliency_mean"] == pytest.approx(0.9, abs=1e-3) and m["prob_mean"] == pytest.approx(0.8)
+    assert m["n_patches"] == 4
+
+
+def test_region_polygons_keep_holes_drop_specks() -> None:
+    values = np.zeros((60, 80), np.float32)
+    values[10:50, 10:50] = 1.0
+    values[20:40, 20:40] = 0.0  # a 20 x 20 hole
+    values[5:7, 70:72] = 1.0  # a 2 x 2 speck
+    values[30:45, 60:75] = 0.8  # a separate region
+    polys = geojson.region_polygons(values, 0.5, 4.0, min_area_px=50 * 16, tolerance=1.0)
+    assert len(polys) == 2 and all(p.is_valid for p in polys)
+    ring = max(polys, key=lambda p: p.area)
+    assert len(ring.interiors) == 1
+    assert ring.area == pytest.approx((40**2 - 20**2) * 16, rel=0.03)
+    assert not ring.contains(Point(30 * 4, 30 * 4)) and ring.contains(Point(15 * 4, 15 * 4))
+    assert shapely.union_all(polys).area == pytest.approx((40**2 - 20**2 + 15**2) * 16, rel=0.03)
+
+
+def test_failed_export_leaves_nothing(case: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed while writing the figure")
+
+    monkeypatch.setattr(figures, "write_figure", boom)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        export.export_slide(case["heatmap"], case["store"], out, thumbnail_size=128, tile_size=256)
+    assert list(out.iterdir()) == []

@@ -1,0 +1,209 @@
+"""Per-slide exports for review: OME-TIFF heatmaps, PNGs and a figure, QuPath GeoJSON.
+
+:func:`export_slide` reads a heatmap pyramid (``<slide_id>.heatmap.zarr``, see the contract in
+:mod:`wsi_scaat.heatmaps`), its saliency store and the slide, and writes into ``out_dir``:
+
+- ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (uint8 and
+  colour-mapped RGB) with the slide's level-0 size and mpp (:mod:`~wsi_scaat.heatmaps.ometiff`);
+- ``.thumbnail.png``, ``.heatmap.png``, ``.overlay.png``, ``.figure.png`` on one pixel grid
+  (:mod:`~wsi_scaat.heatmaps.figures`);
+- ``.tiles.geojson`` (one tile per patch) and ``.regions.geojson`` (high-saliency outlines) for
+  QuPath (:mod:`~wsi_scaat.heatmaps.geojson`).
+
+All outputs are written under temporary names and renamed together at the end: when the export
+fails, none of them appears under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsi_scaat.atomic import atomic_output
+from wsi_scaat.errors import StoreError
+from wsi_scaat.heatmaps import figures, geojson, ometiff
+from wsi_scaat.saliency.store import open_saliency_store
+from wsi_scaat.slides import open_slide
+
+#: Regions are traced on the finest heatmap level whose longer side is at most this.
+REGION_MAX_SIDE = 4096
+#: Simplification tolerance of the regions, in pixels of the level they are traced on.
+REGION_TOLERANCE_PX = 1.0
+
+OUTPUTS = {
+    "ome_tiff": ".heatmap.ome.tif",
+    "ome_tiff_rgb": ".heatmap_rgb.ome.tif",
+    "thumbnail": ".thumbnail.png",
+    "heatmap_png": ".heatmap.png",
+    "overlay": ".overlay.png",
+    "figure": ".figure.png",
+    "tiles": ".tiles.geojson",
+    "regions": ".regions.geojson",
+}
+
+_REQUIRED = ("slide_id", "heatmap_downsample", "slide_width", "slide_height", "mpp_level0")
+
+
+@dataclass(frozen=True)
+class Heatmap:
+    """An opened heatmap pyramid: lazy levels ``"0"``, ``"1"``, ... and the group's attributes."""
+
+    path: Path
+    levels: list[zarr.Array]
+    attrs: dict[str, Any]
+
+    @property
+    def slide_id(self) -> str:
+        return str(self.attrs["slide_id"])
+
+    @property
+    def downsample(self) -> float:
+        """Level-0 slide pixels per heatmap level-0 pixel (``hd``)."""
+        return float(self.attrs["heatmap_downsample"])
+
+    @property
+    def slide_size(self) -> tuple[int, int]:
+        """The slide's level-0 ``(width, height)``."""
+        return int(self.attrs["slide_width"]), int(self.attrs["slide_height"])
+
+    @property
+    def mpp(self) -> float:
+        return float(self.attrs["mpp_level0"])
+
+    @property
+    def normalization(self) -> tuple[float, float]:
+        """``(low, high)`` of the per-slide normalisation; ``(0, 1)`` (identity) when there was none."""
+        norm = self.attrs.get("normalization") or {}
+        if "low" in norm and "high" in norm:
+            return float(norm["low"]), float(norm["high"])
+        return 0.0, 1.0
+
+    def level_downsample(self, k: int) -> float:
+        """Level-0 slide pixels per pixel of heatmap level ``k``."""
+        return self.downsample * 2**k
+
+    def level_fitting(self, max_side: int) -> int:
+        """Finest level whose longer side is at most ``max_side`` (the last level if none is)."""
+        for k, level in enumerate(self.levels):
+            if max(level.shape) <= max_side:
+                return k
+        return len(self.levels) - 1
+
+
+def open_heatmap(path: str | Path) -> Heatmap:
+    """Open a heatmap pyramid for reading; ``StoreError`` when it is missing or incomplete."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(path, "heatmap not found")
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:
+        raise StoreError(path, f"cannot open heatmap: {exc}") from exc
+    attrs = dict(root.attrs)
+    missing = [k for k in _REQUIRED if k not in attrs]
+    levels = []
+    while str(len(levels)) in root:
+        levels.append(root[str(len(levels))])
+    if missing or not levels:
+        raise StoreError(path, f"not a wsi-scaat heatmap (missing {missing or 'level 0'})")
+    return Heatmap(path, levels, attrs)
+
+
+def _summary(hm: Heatmap, attrs: dict[str, Any], n: int, probs: np.ndarray, high_fraction: float,
+             threshold: float) -> list[str]:  # fmt: skip
+    """The figure's lines of numbers."""
+    classes = list(attrs.get("class_names") or [str(i) for i in range(probs.shape[1])])
+    low, high = hm.normalization
+    mean_pos = f"{probs[:, -1].mean():.3f}" if n else "n/a"
+    return [
+        f"slide        {hm.slide_id}",
+        f"model        {attrs.get('model_method', '?')}",
+        f"saliency     {attrs.get('saliency_method', '?')} (target {attrs.get('saliency_target', '?')})",
+        f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px level 0)",
+        f"mean P({classes[-1]})  {mean_pos}",
+        f"high saliency  {100 * high_fraction:.1f}% of tissue (>= {threshold:g})",
+        f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",
+    ]
+
+
+def export_slide(
+    heatmap: Path,
+    saliency_store: Path,
+    out_dir: Path,
+    *,
+    slide_path: Path | None = None,
+    colormap: str = "inferno",
+    overlay_alpha: float = 0.45,
+    region_threshold: float = 0.5,
+    min_region_area_um2: float = 2000.0,
+    thumbnail_size: int = 2048,
+    tile_size: int = 512,
+    ome_downsample: float = 1.0,
+) -> dict[str, Path]:
+    """Write every review export of one slide into ``out_dir``; returns their paths by kind.
+
+    ``slide_path`` defaults to the heatmap's ``source_path``. ``ome_downsample`` > 1 writes the
+    OME-TIFFs at that fraction of the slide's resolution (their mpp scaled to match).
+    """
+    hm = open_heatmap(heatmap)
+    store = open_saliency_store(saliency_store)
+    attrs = {**store.attrs, **hm.attrs}
+    if str(store.attrs.get("slide_id")) != hm.slide_id:
+        raise StoreError(saliency_store, f"is for slide {store.attrs.get('slide_id')!r}, not {hm.slide_id!r}")
+    if not 0.0 <= overlay_alpha <= 1.0:
+        raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+    out_dir = Path(out_dir)
+    final = {key: out_dir / f"{hm.slide_id}{suffix}" for key, suffix in OUTPUTS.items()}
+    lut = ometiff.colormap_lut(colormap)
+    low, high = hm.normalization
+    probs = store.array("probs").astype(np.float64)
+    size0 = float(store.attrs["patch_size_level0"])
+    sal_mean, sal_max = geojson.patch_saliency(store.maps, low, high)
+    tissue = store.array("tissue_mask") if "tissue_mask" in store.root else None
+    with open_slide(slide_path or attrs["source_path"]) as reader, contextlib.ExitStack() as stack:
+        if (reader.info.width, reader.info.height) != hm.slide_size:
+            raise StoreError(heatmap, f"is for a {hm.slide_size} slide, but {reader.info.path} is "
+                                      f"{reader.info.width} x {reader.info.height}")  # fmt: skip
+        tmp = {key: stack.enter_context(atomic_output(path)) for key, path in final.items()}
+        for key, rgb in (("ome_tiff", None), ("ome_tiff_rgb", lut)):
+            ometiff.write_heatmap_ome_tiff(tmp[key], hm.levels, hm.downsample, hm.slide_size, hm.mpp, lut=rgb,
+                                           tile_size=tile_size, ome_downsample=ome_downsample,
+                                           name=f"{hm.slide_id} saliency")  # fmt: skip
+
+        thumb, ds = reader.read_thumbnail(max(hm.slide_size) / thumbnail_size)
+        values = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
+        if tissue is not None:
+            in_tissue = figures.mask_image(tissue, float(attrs["tissue_downsample"]), thumb.shape[:2], ds)
+        else:
+            in_tissue = values > 0
+        overlay = figures.blend(thumb, values, lut, overlay_alpha, in_tissue)
+        text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": colormap}
+        figures.write_png(tmp["thumbnail"], thumb, text)
+        figures.write_png(tmp["heatmap_png"], figures.colorize(values, lut), text)
+        figures.write_png(tmp["overlay"], overlay, text | {"overlay_alpha": repr(overlay_alpha)})
+
+        k = hm.level_fitting(REGION_MAX_SIDE)
+        level = np.nan_to_num(np.asarray(hm.levels[k][...], dtype=np.float32))
+        kds = hm.level_downsample(k)
+        polygons = geojson.region_polygons(level, region_threshold, kds, tolerance=REGION_TOLERANCE_PX,
+                                           min_area_px=min_region_area_um2 / hm.mpp**2)  # fmt: skip
+        centres = store.coords + size0 / 2.0
+        geojson.write_features(tmp["regions"], geojson.region_features(
+            polygons, level, kds, hm.mpp, centres, probs[:, -1], region_threshold))  # fmt: skip
+        geojson.write_features(tmp["tiles"], geojson.tile_features(
+            store.coords, size0, probs, list(attrs.get("class_names") or []) or
+            [str(i) for i in range(probs.shape[1])], sal_mean, sal_max))  # fmt: skip
+
+        region_tissue = (figures.mask_image(tissue, float(attrs["tissue_downsample"]), level.shape, kds)
+                         if tissue is not None else level > 0)  # fmt: skip
+        high_fraction = float((level >= region_threshold)[region_tissue].mean()) if region_tissue.any() else 0.0
+        lines = _summary(hm, attrs, len(store), probs, high_fraction, region_threshold)
+        views = figures.top_patches(reader, store.coords, size0, store.maps, sal_mean, probs[:, -1], low, high)
+        figures.write_figure(tmp["figure"], thumb, values, overlay, colormap, lines, views,
+                             title=f"{hm.slide_id}: saliency review")  # fmt: skip
+    return final

@@ -1,0 +1,194 @@
+"""The patch saliency stage: class probabilities and saliency maps for every patch of a store.
+
+Reads the patch store in contiguous batches (the next batch is read while the current one is
+computed), runs the model on CUDA when available, and writes ``<slide_id>.saliency.zarr``
+(see :mod:`wsi_scaat.saliency.store`). For ``gradient`` and ``grad_x_input`` one forward pass
+gives both the probabilities and the map (forward + backward per batch, the floor of any
+gradient method); other methods add their own passes.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from wsi_scaat import __version__
+from wsi_scaat.errors import WsiScaatError
+from wsi_scaat.saliency.store import SUFFIX, create_saliency_store
+from wsi_scaat.store import open_store
+from wsi_scaat.training.checkpoint import load_checkpoint
+
+#: Largest relative difference between the store's patch mpp and the model's.
+MPP_TOLERANCE = 0.05
+
+
+class SaliencyError(WsiScaatError):
+    """The model and the patch store do not fit together, or the target is unknown."""
+
+
+def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained model of a checkpoint (eval mode, on ``device``) and the checkpoint dict."""
+    from wsi_scaat.models import ModelConfig, build_model
+
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    cfg = ModelConfig(**{**state["model_config"], "weights": None})
+    model = build_model(cfg, len(state["class_names"]))
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def resolve_target(target: str, class_names: list[str]) -> int | None:
+    """``predicted`` -> None (each patch's predicted class); a class name or index -> its index."""
+    if target == "predicted":
+        return None
+    if target in class_names:
+        return class_names.index(target)
+    if target.isdigit() and int(target) < len(class_names):
+        return int(target)
+    raise SaliencyError(
+        None, f"target {target!r} is neither 'predicted' nor one of the classes {class_names}"
+    )
+
+
+def _check_fit(store_attrs: dict, state: dict, store_path: Path) -> None:
+    size, mpp = state.get("patch_size"), state.get("patch_mpp")
+    if size is not None and int(store_attrs["patch_size"]) != int(size):
+        raise SaliencyError(
+            store_path,
+            f"patches are {store_attrs['patch_size']} px but the model was trained on {size} px "
+            f"patches; re-tile with --patch-size {size}",
+        )
+    have = float(store_attrs.get("patch_mpp", store_attrs["target_mpp"]))
+    if mpp is not None and abs(have - mpp) > MPP_TOLERANCE * mpp:
+        raise SaliencyError(
+            store_path,
+            f"patches are at {have:.3f} mpp but the model was trained at {mpp:.3f} mpp; "
+            f"re-tile with --target-mpp {mpp:g}",
+        )
+
+
+def explain_batch(
+    model: torch.nn.Module, x: torch.Tensor, fixed_target: int | None, method: str, options: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities (B, K), targets (B,) and channel-summed |attribution| maps (B, H, W) of a batch."""
+    if method in ("gradient", "grad_x_input"):  # one forward serves probabilities and map
+        xg = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(xg)
+            target = (
+                logits.argmax(1)
+                if fixed_target is None
+                else torch.full_like(logits[:, 0], fixed_target).long()
+            )
+            (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), xg)
+        attr = grad * x if method == "grad_x_input" else grad
+        probs = F.softmax(logits.detach().float(), 1)
+    else:
+        from wsi_scaat.saliency import attribute
+
+        with torch.no_grad():
+            probs = F.softmax(model(x).float(), 1)
+        target = (
+            probs.argmax(1) if fixed_target is None else torch.full_like(probs[:, 0], fixed_target).long()
+        )
+        attr = attribute(model, x, target, method, **options)
+    return probs, target, attr.abs().sum(1)
+
+
+def run_saliency(
+    checkpoint: str | Path,
+    store: str | Path,
+    out_dir: str | Path,
+    *,
+    method: str = "gradient",
+    target: str = "predicted",
+    map_downsample: int = 1,
+    batch_size: int = 128,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Write ``out_dir/<slide_id>.saliency.zarr`` for every patch of ``store``; returns its path."""
+    from wsi_scaat.training.loop import resolve_device
+
+    options = dict(options or {})
+    if method in ("integrated_gradients", "smoothgrad"):
+        options.setdefault("internal_batch_size", batch_size)  # bound the expanded batch's memory
+    dev = resolve_device(device)
+    model, state = load_model(checkpoint, dev)
+    for p in model.parameters():
+        p.requires_grad_(False)  # input gradients only
+    class_names = list(state["class_names"])
+    fixed = resolve_target(target, class_names)
+    patches = open_store(store)
+    try:
+        attrs = patches.attrs
+        _check_fit(attrs, state, patches.path)
+        size = int(attrs["patch_size"])
+        if size % map_downsample:
+            raise SaliencyError(
+                None, f"map downsample {map_downsample} does not divide the patch size {size}"
+            )
+        map_size = size // map_downsample
+        out = Path(out_dir) / f"{attrs['slide_id']}{SUFFIX}"
+        meta = {
+            **attrs,
+            "saliency_method": method,
+            "saliency_target": target,
+            "map_downsample": map_downsample,
+            "map_size": map_size,
+            "class_names": class_names,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "model_method": state.get("method"),
+            "model_epoch": state.get("epoch"),
+            "saliency_options": options or {},
+            "wsi_scaat_version": __version__,
+        }
+        n = len(patches)
+        with create_saliency_store(out, n, len(class_names), map_size, meta) as writer:
+            writer.write_array("coords", patches.coords)
+            if "tissue_mask" in patches:
+                writer.write_array("tissue_mask", patches.array("tissue_mask"))
+            _fill(
+                writer,
+                patches,
+                model,
+                dev,
+                fixed,
+                method,
+                options or {},
+                batch_size,
+                map_downsample,
+                progress,
+            )
+    finally:
+        patches.close()
+    return out
+
+
+def _fill(writer, patches, model, dev, fixed, method, options, batch_size, downsample, progress) -> None:
+    n = len(patches)
+    starts = list(range(0, n, batch_size))
+
+    def read(start: int) -> torch.Tensor:
+        imgs = np.asarray(patches.imgs[start : start + batch_size])
+        return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255)
+
+    disable = None if progress is None else not progress
+    with ThreadPoolExecutor(1) as pool, tqdm(total=n, unit="patch", desc="saliency", disable=disable) as bar:
+        pending = pool.submit(read, starts[0]) if starts else None
+        for k, start in enumerate(starts):
+            x = pending.result().to(dev, non_blocking=True)
+            if k + 1 < len(starts):
+                pending = pool.submit(read, starts[k + 1])  # read ahead while computing
+            probs, target, maps = explain_batch(model, x, fixed, method, options)
+            if downsample > 1:
+                maps = F.avg_pool2d(maps[:, None], downsample)[:, 0]
+            writer.write(start, maps.cpu().numpy(), probs.cpu().numpy(), target.cpu().numpy())
+            bar.update(len(x))

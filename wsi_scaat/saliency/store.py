@@ -1,0 +1,116 @@
+"""Per-slide saliency stores (zarr v3): patch class probabilities and saliency maps.
+
+``<slide_id>.saliency.zarr`` holds
+  ``coords``  (N, 2) int64   top-left x, y of each patch in level-0 pixels (from the patch store)
+  ``probs``   (N, K) float32 class probabilities of the model
+  ``target``  (N,)   int64   class whose saliency was computed (predicted, or a fixed class)
+  ``maps``    (N, h, w) float16  |attribution| summed over colour channels, at ``map_downsample``
+                                 (h = w = patch_size // map_downsample), chunked by patches
+  ``tissue_mask`` (uint8)        the tiling's tissue mask (downsample ``tissue_downsample``)
+and as attributes every attribute of the patch store (geometry, mpp, slide id...) plus
+``saliency_method``, ``saliency_target``, ``map_downsample``, ``map_size``, ``class_names``,
+``checkpoint``, ``model_method``, ``saliency_version``. A map pixel covers
+``patch_size_level0 / map_size`` level-0 pixels.
+
+The full data contracts of the saliency store and the heatmap pyramid (the "CONTRACTS_PLACEHOLDER"
+of the stitching and export tasks) are in docs/contracts.md and wsi_scaat/heatmaps/__init__.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from wsi_scaat.atomic import atomic_output
+from wsi_scaat.errors import StoreError
+from wsi_scaat.store.patch_store import plain
+
+SALIENCY_VERSION = 1
+SUFFIX = ".saliency.zarr"
+MAP_CHUNK = 64  # patches per chunk of ``maps``
+
+
+class SaliencyWriter:
+    """Writes the arrays of a saliency store opened by :func:`create_saliency_store`."""
+
+    def __init__(self, root: zarr.Group, n: int, n_classes: int, map_size: int) -> None:
+        self.root = root
+        chunk = max(1, min(MAP_CHUNK, n))
+        self.maps = root.create_array("maps", shape=(n, map_size, map_size), dtype="float16",
+                                      chunks=(chunk, map_size, map_size), fill_value=0)  # fmt: skip
+        self.probs = root.create_array("probs", shape=(n, n_classes), dtype="float32",
+                                       chunks=(max(1, min(65536, n)), n_classes), fill_value=0)  # fmt: skip
+        self.target = root.create_array("target", shape=(n,), dtype="int64",
+                                        chunks=(max(1, min(65536, n)),), fill_value=0)  # fmt: skip
+
+    def write(self, start: int, maps: np.ndarray, probs: np.ndarray, target: np.ndarray) -> None:
+        """Write patches ``start .. start + len(maps)`` (best aligned to ``MAP_CHUNK``)."""
+        stop = start + len(maps)
+        self.maps[start:stop] = maps.astype(np.float16)
+        self.probs[start:stop] = probs.astype(np.float32)
+        self.target[start:stop] = target.astype(np.int64)
+
+    def write_array(self, name: str, data: np.ndarray) -> None:
+        arr = self.root.create_array(name, shape=data.shape, dtype=data.dtype,
+                                     chunks=data.shape or None, fill_value=0)  # fmt: skip
+        arr[...] = data
+
+
+@contextlib.contextmanager
+def create_saliency_store(
+    final: str | Path, n: int, n_classes: int, map_size: int, attrs: dict[str, Any]
+) -> Iterator[SaliencyWriter]:
+    """Create ``final`` under a temporary name; it appears only when the block succeeds."""
+    with atomic_output(final) as tmp:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        root.attrs.update({k: plain(v) for k, v in attrs.items()} | {"saliency_version": SALIENCY_VERSION})
+        yield SaliencyWriter(root, n, n_classes, map_size)
+
+
+class SaliencyStore:
+    """Read access to a saliency store."""
+
+    REQUIRED = ("coords", "maps", "probs", "target")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StoreError(self.path, "saliency store not found")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r")
+        except Exception as exc:
+            raise StoreError(self.path, f"cannot open saliency store: {exc}") from exc
+        missing = [k for k in self.REQUIRED if k not in self.root]
+        if missing or "saliency_version" not in self.root.attrs:
+            raise StoreError(self.path, f"not a wsi-scaat saliency store (missing {missing or 'attributes'})")
+        self.attrs = dict(self.root.attrs)
+        self.coords = np.asarray(self.root["coords"][...], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def maps(self) -> zarr.Array:
+        """Lazy (N, h, w) float16 maps."""
+        return self.root["maps"]
+
+    def array(self, name: str) -> np.ndarray:
+        """A whole small array (``probs``, ``target``, ``tissue_mask``)."""
+        if name not in self.root:
+            raise StoreError(self.path, f"has no array {name!r}")
+        return np.asarray(self.root[name][...])
+
+    @property
+    def map_pixel_level0(self) -> float:
+        """Level-0 pixels covered by one map pixel."""
+        return float(self.attrs["patch_size_level0"]) / float(self.attrs["map_size"])
+
+
+def open_saliency_store(path: str | Path) -> SaliencyStore:
+    """Open a saliency store for reading."""
+    return SaliencyStore(path)
