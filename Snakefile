@@ -9,7 +9,6 @@ configfile: "configs/default.yaml"
 
 
 include: "pipelines/common.smk"
-include: "pipelines/config.smk"
 include: "pipelines/tile.smk"
 include: "pipelines/train.smk"
 include: "pipelines/saliency.smk"

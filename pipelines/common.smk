@@ -5,7 +5,7 @@ import re
 import shlex
 import sys
 
-from wsi_scaat.config import validate_config
+from wsi_scaat.config import ensure_config_file, validate_config
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.manifest import read_manifest
 
@@ -16,6 +16,9 @@ except WsiScaatError as err:
     sys.exit(f"wsi-scaat: error: {err}")
 
 RESULTS = str(CFG.results)
+# The validated config, complete with defaults: the --config of the stages that need one. Written
+# when its content changes; the rules' params decide what re-runs.
+RESOLVED_CONFIG = str(ensure_config_file(CFG, f"{RESULTS}/config.yaml"))
 STORE_EXT = CFG.tiling.format
 # The package's CLI, run by the Python that runs Snakemake (no reliance on PATH).
 WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
@@ -124,7 +127,7 @@ def get_export_args(wildcards):
     args = ["--slide", SLIDES[wildcards.slide].path, "--colormap", e.colormap,
             "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
             "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
-            "--tile-size", e.tile_size]
+            "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um]
     return " ".join(shlex.quote(str(a)) for a in args)
 
 

@@ -6,7 +6,6 @@
 rule train:
     input:
         stores=get_train_stores,
-        config=ancient(f"{RESULTS}/config.yaml"),
     output:
         best=f"{RESULTS}/models/{{method}}/best.pt",
         metrics=f"{RESULTS}/models/{{method}}/metrics.csv",
@@ -19,6 +18,7 @@ rule train:
     params:
         wsi=WSI,
         train=get_train_json,
+        config=RESOLVED_CONFIG,
         outdir=get_parent,
     resources:
         gpu=get_gpus,
@@ -28,5 +28,5 @@ rule train:
     benchmark:
         f"{RESULTS}/benchmarks/train/{{method}}.tsv"
     shell:
-        "{params.wsi} train --config {input.config:q} --method {wildcards.method}"
+        "{params.wsi} train --config {params.config:q} --method {wildcards.method}"
         " --out {params.outdir:q} --resume --no-progress > {log:q} 2>&1"

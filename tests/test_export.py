@@ -39,15 +39,36 @@ def _write_heatmap(path: Path, attrs: dict) -> np.ndarray:
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     root.create_array("0", data=level0, chunks=(64, 64))
     scale = MPP * HD
-    root.attrs.update(attrs | {
-        "heatmap_downsample": float(HD), "level_downsamples": [1], "window": "hann", "heatmap_version": 1,
-        "normalization": {"method": "percentile", "low_percentile": 1.0, "high_percentile": 99.0,
-                          "low": LOW, "high": HIGH},
-        "multiscales": [{"axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                                  {"name": "x", "type": "space", "unit": "micrometer"}],
-                         "datasets": [{"path": "0", "coordinateTransformations": [
-                             {"type": "scale", "scale": [scale, scale]}]}]}],
-    })  # fmt: skip
+    root.attrs.update(
+        attrs
+        | {
+            "heatmap_downsample": float(HD),
+            "level_downsamples": [1],
+            "window": "hann",
+            "heatmap_version": 1,
+            "normalization": {
+                "method": "percentile",
+                "low_percentile": 1.0,
+                "high_percentile": 99.0,
+                "low": LOW,
+                "high": HIGH,
+            },
+            "multiscales": [
+                {
+                    "axes": [
+                        {"name": "y", "type": "space", "unit": "micrometer"},
+                        {"name": "x", "type": "space", "unit": "micrometer"},
+                    ],
+                    "datasets": [
+                        {
+                            "path": "0",
+                            "coordinateTransformations": [{"type": "scale", "scale": [scale, scale]}],
+                        }
+                    ],
+                }
+            ],
+        }
+    )
     return level0
 
 
@@ -68,11 +89,21 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tissue = np.ones((H // 32, W // 32), np.uint8)
     tissue[:, : TISSUE_X0 // 32] = 0
     attrs = {
-        "slide_id": "s1", "source_path": str(slide), "slide_width": W, "slide_height": H, "mpp_level0": MPP,
-        "patch_size": 64, "patch_size_level0": PATCH0, "map_size": MAP, "map_downsample": 4,
-        "class_names": CLASSES, "saliency_method": "gradient", "saliency_target": "predicted",
-        "model_method": "scaat", "tissue_downsample": 32.0,
-    }  # fmt: skip
+        "slide_id": "s1",
+        "source_path": str(slide),
+        "slide_width": W,
+        "slide_height": H,
+        "mpp_level0": MPP,
+        "patch_size": 64,
+        "patch_size_level0": PATCH0,
+        "map_size": MAP,
+        "map_downsample": 4,
+        "class_names": CLASSES,
+        "saliency_method": "gradient",
+        "saliency_target": "predicted",
+        "model_method": "scaat",
+        "tissue_downsample": 32.0,
+    }
     store = folder / "s1.saliency.zarr"
     with create_saliency_store(store, len(coords), 2, MAP, attrs) as writer:
         writer.write_array("coords", coords)
@@ -81,14 +112,30 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
     heatmap = folder / "s1.heatmap.zarr"
     level0 = _write_heatmap(heatmap, attrs)
     out = export.export_slide(heatmap, store, folder / "out", thumbnail_size=256, tile_size=256)
-    return {"slide": slide, "store": store, "heatmap": heatmap, "level0": level0, "coords": coords,
-            "bright": bright, "out": out, "folder": folder}  # fmt: skip
+    return {
+        "slide": slide,
+        "store": store,
+        "heatmap": heatmap,
+        "level0": level0,
+        "coords": coords,
+        "bright": bright,
+        "out": out,
+        "folder": folder,
+    }
 
 
 def test_returns_every_output(case: dict) -> None:
     out = case["out"]
-    assert set(out) == {"ome_tiff", "ome_tiff_rgb", "thumbnail", "heatmap_png", "overlay", "figure", "tiles",
-                        "regions"}  # fmt: skip
+    assert set(out) == {
+        "ome_tiff",
+        "ome_tiff_rgb",
+        "thumbnail",
+        "heatmap_png",
+        "overlay",
+        "figure",
+        "tiles",
+        "regions",
+    }
     assert all(p.is_file() and p.name.startswith("s1.") for p in out.values())
     assert sorted(p.name for p in out["tiles"].parent.iterdir()) == sorted(p.name for p in out.values())
 
@@ -131,13 +178,22 @@ def test_ome_tiff_levels_from_the_matching_heatmap_level(tmp_path: Path) -> None
     while max(levels[-1].shape) > 512:
         v = levels[-1]
         levels.append(v.reshape(v.shape[0] // 2, 2, v.shape[1] // 2, 2).mean((1, 3)))
-    path = ometiff.write_heatmap_ome_tiff(tmp_path / "h.ome.tif", levels, 1.0, (1000, 1200), 0.25, tile_size=128)
+    path = ometiff.write_heatmap_ome_tiff(
+        tmp_path / "h.ome.tif", levels, 1.0, (1000, 1200), 0.25, tile_size=128
+    )
     with tifffile.TiffFile(path) as tif:
         got = [lv.asarray() for lv in tif.series[0].levels]
     assert [g.shape for g in got] == [(1200, 1000), (600, 500), (300, 250)]
     for g, level in zip(got, levels, strict=True):
         np.testing.assert_array_equal(g, ometiff.to_uint8(level))
     assert ometiff.source_level(3.0, 1.0, 3) == 1 and ometiff.source_level(0.5, 1.0, 3) == 0
+    half = ometiff.write_heatmap_ome_tiff(
+        tmp_path / "half.ome.tif", levels, 1.0, (1000, 1200), 0.25, tile_size=128, ome_downsample=2
+    )
+    with tifffile.TiffFile(half) as tif:
+        assert [lv.shape for lv in tif.series[0].levels] == [(600, 500), (300, 250)]
+        assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
+        np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), ometiff.to_uint8(levels[1]))
 
 
 def test_pngs_share_one_grid(case: dict) -> None:
@@ -145,7 +201,9 @@ def test_pngs_share_one_grid(case: dict) -> None:
 
     out = case["out"]
     images = {k: Image.open(out[k]) for k in ("thumbnail", "heatmap_png", "overlay", "figure")}
-    thumb, heat, over = (np.asarray(images[k].convert("RGB")) for k in ("thumbnail", "heatmap_png", "overlay"))
+    thumb, heat, over = (
+        np.asarray(images[k].convert("RGB")) for k in ("thumbnail", "heatmap_png", "overlay")
+    )
     assert thumb.shape == heat.shape == over.shape and max(thumb.shape[:2]) == 256
     ds = float(images["thumbnail"].text["downsample"])
     assert images["overlay"].text["downsample"] == images["heatmap_png"].text["downsample"] == repr(ds)
@@ -175,7 +233,12 @@ def test_tiles_geojson(case: dict) -> None:
         props = feature["properties"]
         assert props["objectType"] == "tile" and props["isLocked"] is True
         m = props["measurements"]
-        assert isinstance(m, dict) and set(m) == {"prob_normal", "prob_tumour", "saliency_mean", "saliency_max"}
+        assert isinstance(m, dict) and set(m) == {
+            "prob_normal",
+            "prob_tumour",
+            "saliency_mean",
+            "saliency_max",
+        }
         assert m["prob_tumour"] == pytest.approx(0.8 if bright else 0.2, abs=1e-4)
         assert 0.0 <= m["saliency_mean"] <= m["saliency_max"] <= 1.0
         v = 0.9 if bright else 0.1

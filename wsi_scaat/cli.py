@@ -330,6 +330,9 @@ def export(
     min_region_area_um2: Annotated[float, typer.Option(min=0, help="Smallest region kept (um^2).")] = 2000.0,
     thumbnail_size: Annotated[int, typer.Option(min=64, help="Longer side of the PNGs.")] = 2048,
     tile_size: Annotated[int, typer.Option(min=64, help="OME-TIFF tile side.")] = 512,
+    region_smooth_um: Annotated[
+        float, typer.Option(min=0, help="Gaussian smoothing (sigma, um) before tracing regions.")
+    ] = 0.0,
 ) -> None:
     """OME-TIFF heatmaps, PNG thumbnails/overlay/figure and QuPath GeoJSON (tiles, regions)."""
     from wsi_scaat.heatmaps.export import export_slide
@@ -345,6 +348,7 @@ def export(
         min_region_area_um2=min_region_area_um2,
         thumbnail_size=thumbnail_size,
         tile_size=tile_size,
+        region_smooth_um=region_smooth_um,
     )
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")
@@ -360,12 +364,12 @@ def resolve_config(
     """Validate a configuration and write it, complete with defaults, as one YAML file."""
     import json
 
-    from wsi_scaat.config import load_config, validate_config, write_config
+    from wsi_scaat.config import ensure_config_file, load_config, validate_config
 
     if (config is None) == (json_text is None):
         raise ValueError("give either --config FILE(s) or --json TEXT")
     cfg = load_config(*config) if config else validate_config(json.loads(json_text), source="--json")
-    write_config(cfg, out)
+    ensure_config_file(cfg, out)
     typer.echo(f"wrote {out}")
 
 

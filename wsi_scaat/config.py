@@ -144,6 +144,9 @@ class ExportConfig(Section):
         0.5, gt=0, lt=1, description="heatmap value outlining high-saliency regions"
     )
     min_region_area_um2: float = Field(2000.0, ge=0)
+    region_smooth_um: float = Field(
+        8.0, ge=0, le=1000, description="Gaussian sigma (um) before tracing regions"
+    )
     thumbnail_size: int = Field(2048, ge=64, le=16384)
     tile_size: int = Field(512, ge=64, le=4096)
 
@@ -219,11 +222,15 @@ def override(cfg: Config, changes: dict[str, Any]) -> Config:
     return validate_config(deep_merge(cfg.model_dump(mode="json"), changes), source="overrides")
 
 
-def write_config(cfg: Config, path: str | Path) -> None:
-    """Write the complete, validated config (defaults filled in) as YAML, atomically."""
-    from wsi_scaat.atomic import write_text
+def ensure_config_file(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` to ``path`` unless the file already holds exactly that config; returns the path."""
+    path = Path(path)
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        from wsi_scaat.atomic import write_text
 
-    write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_text(path, text)
+    return path
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

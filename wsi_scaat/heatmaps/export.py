@@ -114,21 +114,119 @@ def open_heatmap(path: str | Path) -> Heatmap:
     return Heatmap(path, levels, attrs)
 
 
-def _summary(hm: Heatmap, attrs: dict[str, Any], n: int, probs: np.ndarray, high_fraction: float,
-             threshold: float) -> list[str]:  # fmt: skip
+@dataclass(frozen=True)
+class _Patches:
+    """What the exports need from the saliency store (maps stay lazy)."""
+
+    coords: np.ndarray
+    size0: float
+    probs: np.ndarray
+    class_names: list[str]
+    maps: zarr.Array
+    saliency_mean: np.ndarray
+    saliency_max: np.ndarray
+    tissue: np.ndarray | None
+    tissue_downsample: float
+
+    @property
+    def centres(self) -> np.ndarray:
+        return self.coords + self.size0 / 2.0
+
+
+def _read_patches(path: Path, hm: Heatmap) -> tuple[_Patches, dict[str, Any]]:
+    store = open_saliency_store(path)
+    if str(store.attrs.get("slide_id")) != hm.slide_id:
+        raise StoreError(path, f"is for slide {store.attrs.get('slide_id')!r}, not {hm.slide_id!r}")
+    probs = store.array("probs").astype(np.float64)
+    names = [str(c) for c in store.attrs.get("class_names") or range(probs.shape[1])]
+    mean, peak = geojson.patch_saliency(store.maps, *hm.normalization)
+    tissue = store.array("tissue_mask") if "tissue_mask" in store.root else None
+    patches = _Patches(
+        store.coords,
+        float(store.attrs["patch_size_level0"]),
+        probs,
+        names,
+        store.maps,
+        mean,
+        peak,
+        tissue,
+        float(store.attrs.get("tissue_downsample", 1.0)),
+    )
+    return patches, {**store.attrs, **hm.attrs}
+
+
+def _tissue_on(patches: _Patches, values: np.ndarray, downsample: float) -> np.ndarray:
+    """Tissue on a grid of ``downsample`` (the store's mask; where there is none, heatmap > 0)."""
+    if patches.tissue is None:
+        return values > 0
+    return figures.mask_image(patches.tissue, patches.tissue_downsample, values.shape, downsample)
+
+
+def _summary(
+    hm: Heatmap, attrs: dict[str, Any], patches: _Patches, high_fraction: float, threshold: float
+) -> list[str]:
     """The figure's lines of numbers."""
-    classes = list(attrs.get("class_names") or [str(i) for i in range(probs.shape[1])])
     low, high = hm.normalization
-    mean_pos = f"{probs[:, -1].mean():.3f}" if n else "n/a"
+    n, positive = len(patches.coords), patches.class_names[-1]
     return [
         f"slide        {hm.slide_id}",
         f"model        {attrs.get('model_method', '?')}",
         f"saliency     {attrs.get('saliency_method', '?')} (target {attrs.get('saliency_target', '?')})",
-        f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px level 0)",
-        f"mean P({classes[-1]})  {mean_pos}",
+        f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px at level 0)",
+        f"mean P({positive})  {patches.probs[:, -1].mean():.3f}" if n else f"mean P({positive})  n/a",
         f"high saliency  {100 * high_fraction:.1f}% of tissue (>= {threshold:g})",
         f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",
+        "",
+        f"right: top {figures.TOP_K} patches by saliency_mean",
+        f"(s = saliency_mean, p = P({positive}))",
     ]
+
+
+def _write_pngs(
+    tmp: dict[str, Path], hm: Heatmap, reader: Any, patches: _Patches, lut: np.ndarray, colormap: str,
+    overlay_alpha: float, thumbnail_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Thumbnail, heatmap and overlay PNGs on one grid; returns (thumbnail, heatmap values, overlay)."""
+    thumb, ds = reader.read_thumbnail(max(hm.slide_size) / thumbnail_size)
+    values = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
+    overlay = figures.blend(thumb, values, lut, overlay_alpha, _tissue_on(patches, values, ds))
+    text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": colormap}
+    figures.write_png(tmp["thumbnail"], thumb, text)
+    figures.write_png(tmp["heatmap_png"], figures.colorize(values, lut), text)
+    figures.write_png(tmp["overlay"], overlay, text | {"overlay_alpha": repr(overlay_alpha)})
+    return thumb, values, overlay
+
+
+def _write_qupath(
+    tmp: dict[str, Path],
+    hm: Heatmap,
+    patches: _Patches,
+    threshold: float,
+    min_area_um2: float,
+    smooth_um: float = 0.0,
+) -> float:
+    """Tiles and regions GeoJSON; returns the fraction of tissue at or above ``threshold``.
+
+    Regions are traced on the heatmap smoothed by a Gaussian of ``smooth_um`` microns (sigma), so
+    they outline where saliency is dense rather than single salient pixels.
+    """
+    p = patches
+    tiles = geojson.tile_features(p.coords, p.size0, p.probs, p.class_names, p.saliency_mean, p.saliency_max)
+    geojson.write_features(tmp["tiles"], tiles)
+    k = hm.level_fitting(REGION_MAX_SIDE)
+    level, kds = np.nan_to_num(np.asarray(hm.levels[k][...], dtype=np.float32)), hm.level_downsample(k)
+    if smooth_um > 0:
+        from scipy.ndimage import gaussian_filter
+
+        level = gaussian_filter(level, sigma=smooth_um / (hm.mpp * kds), mode="constant")
+    min_area_px = min_area_um2 / hm.mpp**2
+    polygons = geojson.region_polygons(
+        level, threshold, kds, min_area_px=min_area_px, tolerance=REGION_TOLERANCE_PX
+    )
+    regions = geojson.region_features(polygons, level, kds, hm.mpp, p.centres, p.probs[:, -1], threshold)
+    geojson.write_features(tmp["regions"], regions)
+    tissue = _tissue_on(p, level, kds)
+    return float((level >= threshold)[tissue].mean()) if tissue.any() else 0.0
 
 
 def export_slide(
@@ -144,66 +242,56 @@ def export_slide(
     thumbnail_size: int = 2048,
     tile_size: int = 512,
     ome_downsample: float = 1.0,
+    region_smooth_um: float = 0.0,
 ) -> dict[str, Path]:
     """Write every review export of one slide into ``out_dir``; returns their paths by kind.
 
     ``slide_path`` defaults to the heatmap's ``source_path``. ``ome_downsample`` > 1 writes the
-    OME-TIFFs at that fraction of the slide's resolution (their mpp scaled to match).
+    OME-TIFFs at that fraction of the slide's resolution (their mpp scaled to match). The PNGs'
+    longer side is about ``thumbnail_size`` (the reader's exact thumbnail downsample, within ~1.5x).
+    Regions are traced on the finest heatmap level with longer side <= ``REGION_MAX_SIDE``; the
+    figure's high-saliency fraction is measured there, over the tissue mask of the saliency store.
     """
-    hm = open_heatmap(heatmap)
-    store = open_saliency_store(saliency_store)
-    attrs = {**store.attrs, **hm.attrs}
-    if str(store.attrs.get("slide_id")) != hm.slide_id:
-        raise StoreError(saliency_store, f"is for slide {store.attrs.get('slide_id')!r}, not {hm.slide_id!r}")
     if not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
-    out_dir = Path(out_dir)
-    final = {key: out_dir / f"{hm.slide_id}{suffix}" for key, suffix in OUTPUTS.items()}
+    hm = open_heatmap(heatmap)
+    patches, attrs = _read_patches(Path(saliency_store), hm)
+    final = {key: Path(out_dir) / f"{hm.slide_id}{suffix}" for key, suffix in OUTPUTS.items()}
     lut = ometiff.colormap_lut(colormap)
-    low, high = hm.normalization
-    probs = store.array("probs").astype(np.float64)
-    size0 = float(store.attrs["patch_size_level0"])
-    sal_mean, sal_max = geojson.patch_saliency(store.maps, low, high)
-    tissue = store.array("tissue_mask") if "tissue_mask" in store.root else None
     with open_slide(slide_path or attrs["source_path"]) as reader, contextlib.ExitStack() as stack:
         if (reader.info.width, reader.info.height) != hm.slide_size:
-            raise StoreError(heatmap, f"is for a {hm.slide_size} slide, but {reader.info.path} is "
-                                      f"{reader.info.width} x {reader.info.height}")  # fmt: skip
+            raise StoreError(
+                heatmap,
+                f"is for a {hm.slide_size[0]} x {hm.slide_size[1]} slide, but "
+                f"{reader.info.path} is {reader.info.width} x {reader.info.height}",
+            )
+        # every output under a temporary name; all renamed when the block completes, none on error
         tmp = {key: stack.enter_context(atomic_output(path)) for key, path in final.items()}
         for key, rgb in (("ome_tiff", None), ("ome_tiff_rgb", lut)):
-            ometiff.write_heatmap_ome_tiff(tmp[key], hm.levels, hm.downsample, hm.slide_size, hm.mpp, lut=rgb,
-                                           tile_size=tile_size, ome_downsample=ome_downsample,
-                                           name=f"{hm.slide_id} saliency")  # fmt: skip
-
-        thumb, ds = reader.read_thumbnail(max(hm.slide_size) / thumbnail_size)
-        values = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
-        if tissue is not None:
-            in_tissue = figures.mask_image(tissue, float(attrs["tissue_downsample"]), thumb.shape[:2], ds)
-        else:
-            in_tissue = values > 0
-        overlay = figures.blend(thumb, values, lut, overlay_alpha, in_tissue)
-        text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": colormap}
-        figures.write_png(tmp["thumbnail"], thumb, text)
-        figures.write_png(tmp["heatmap_png"], figures.colorize(values, lut), text)
-        figures.write_png(tmp["overlay"], overlay, text | {"overlay_alpha": repr(overlay_alpha)})
-
-        k = hm.level_fitting(REGION_MAX_SIDE)
-        level = np.nan_to_num(np.asarray(hm.levels[k][...], dtype=np.float32))
-        kds = hm.level_downsample(k)
-        polygons = geojson.region_polygons(level, region_threshold, kds, tolerance=REGION_TOLERANCE_PX,
-                                           min_area_px=min_region_area_um2 / hm.mpp**2)  # fmt: skip
-        centres = store.coords + size0 / 2.0
-        geojson.write_features(tmp["regions"], geojson.region_features(
-            polygons, level, kds, hm.mpp, centres, probs[:, -1], region_threshold))  # fmt: skip
-        geojson.write_features(tmp["tiles"], geojson.tile_features(
-            store.coords, size0, probs, list(attrs.get("class_names") or []) or
-            [str(i) for i in range(probs.shape[1])], sal_mean, sal_max))  # fmt: skip
-
-        region_tissue = (figures.mask_image(tissue, float(attrs["tissue_downsample"]), level.shape, kds)
-                         if tissue is not None else level > 0)  # fmt: skip
-        high_fraction = float((level >= region_threshold)[region_tissue].mean()) if region_tissue.any() else 0.0
-        lines = _summary(hm, attrs, len(store), probs, high_fraction, region_threshold)
-        views = figures.top_patches(reader, store.coords, size0, store.maps, sal_mean, probs[:, -1], low, high)
-        figures.write_figure(tmp["figure"], thumb, values, overlay, colormap, lines, views,
-                             title=f"{hm.slide_id}: saliency review")  # fmt: skip
+            ometiff.write_heatmap_ome_tiff(
+                tmp[key], hm.levels, hm.downsample, hm.slide_size, hm.mpp, lut=rgb, tile_size=tile_size,
+                ome_downsample=ome_downsample, name=f"{hm.slide_id} saliency",
+            )  # fmt: skip
+        thumb, values, overlay = _write_pngs(
+            tmp, hm, reader, patches, lut, colormap, overlay_alpha, thumbnail_size
+        )
+        high_fraction = _write_qupath(
+            tmp, hm, patches, region_threshold, min_region_area_um2, region_smooth_um
+        )
+        low, high = hm.normalization
+        views = figures.top_patches(
+            reader, patches.coords, patches.size0, patches.maps, patches.saliency_mean, patches.probs[:, -1],
+            low, high,
+        )  # fmt: skip
+        lines = _summary(hm, attrs, patches, high_fraction, region_threshold)
+        figures.write_figure(
+            tmp["figure"],
+            thumb,
+            values,
+            overlay,
+            colormap,
+            lines,
+            views,
+            title=f"{hm.slide_id}: saliency review",
+        )
     return final

@@ -20,16 +20,21 @@ import cv2
 import numpy as np
 
 from wsi_scaat.atomic import atomic_output
-from wsi_scaat.heatmaps.ometiff import source_level
+from wsi_scaat.heatmaps.geojson import normalise
+from wsi_scaat.heatmaps.ometiff import source_level, to_uint8
 
 #: Top salient patches shown in the figure.
 TOP_K = 4
 #: Side (px) at which the figure's patches are read from the slide, at least.
 PATCH_VIEW = 192
+#: Longer side (px) of the images drawn in the figure's panels.
+PANEL_SIDE = 800
 
 
-def resample(values: np.ndarray, src_downsample: float, shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """Bilinear resampling of a grid of ``src_downsample`` onto ``shape`` at ``downsample`` (both vs level 0)."""
+def resample(
+    values: np.ndarray, src_downsample: float, shape: tuple[int, int], downsample: float
+) -> np.ndarray:
+    """Bilinear resampling from a grid of ``src_downsample`` onto ``shape`` at ``downsample`` (vs level 0)."""
     a = downsample / src_downsample  # output pixel centre (c + 0.5) ds -> source (c + 0.5) a - 0.5
     m = np.array([[a, 0.0, 0.5 * a - 0.5], [0.0, a, 0.5 * a - 0.5]], np.float64)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
@@ -37,35 +42,46 @@ def resample(values: np.ndarray, src_downsample: float, shape: tuple[int, int], 
     return cv2.warpAffine(src, m, (shape[1], shape[0]), flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
 
-def heatmap_image(levels: Sequence[Any], heatmap_downsample: float, shape: tuple[int, int],
-                  downsample: float) -> np.ndarray:  # fmt: skip
+def heatmap_image(
+    levels: Sequence[Any], heatmap_downsample: float, shape: tuple[int, int], downsample: float
+) -> np.ndarray:
     """Heatmap values (float32 in [0, 1]) on the grid ``shape`` at ``downsample``, from the nearest level."""
     k = source_level(downsample, heatmap_downsample, len(levels))
     level = np.asarray(levels[k][...], dtype=np.float32)
     return np.clip(resample(level, heatmap_downsample * 2**k, shape, downsample), 0.0, 1.0)
 
 
-def mask_image(mask: np.ndarray, mask_downsample: float, shape: tuple[int, int], downsample: float) -> np.ndarray:
+def mask_image(
+    mask: np.ndarray, mask_downsample: float, shape: tuple[int, int], downsample: float
+) -> np.ndarray:
     """Boolean mask on the grid: the mask pixel under each pixel centre (nearest, clamped)."""
-    rows = np.clip(((np.arange(shape[0]) + 0.5) * downsample / mask_downsample).astype(np.int64), 0, mask.shape[0] - 1)
-    cols = np.clip(((np.arange(shape[1]) + 0.5) * downsample / mask_downsample).astype(np.int64), 0, mask.shape[1] - 1)
+    rows = np.clip(
+        ((np.arange(shape[0]) + 0.5) * downsample / mask_downsample).astype(np.int64), 0, mask.shape[0] - 1
+    )
+    cols = np.clip(
+        ((np.arange(shape[1]) + 0.5) * downsample / mask_downsample).astype(np.int64), 0, mask.shape[1] - 1
+    )
     return np.asarray(mask)[np.ix_(rows, cols)] > 0
 
 
 def colorize(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """RGB uint8 of values in [0, 1] through a (256, 3) lookup table."""
-    from wsi_scaat.heatmaps.ometiff import to_uint8
-
     return np.take(lut, to_uint8(values), axis=0)
 
 
-def blend(thumb: np.ndarray, values: np.ndarray, lut: np.ndarray, alpha: float, tissue: np.ndarray) -> np.ndarray:
+def blend(
+    thumb: np.ndarray, values: np.ndarray, lut: np.ndarray, alpha: float, tissue: np.ndarray
+) -> np.ndarray:
     """Thumbnail with the colour-mapped heatmap laid over it, alpha ``alpha * value`` inside ``tissue``."""
-    a = (alpha * np.clip(values, 0.0, 1.0) * tissue)[..., None].astype(np.float32)
-    out = thumb.astype(np.float32) * (1.0 - a) + colorize(values, lut).astype(np.float32) * a
-    out = np.rint(out).astype(np.uint8)
-    out[a[..., 0] == 0] = thumb[a[..., 0] == 0]  # exact thumbnail where nothing is laid over
-    return out
+    a = (alpha * np.clip(values, 0.0, 1.0) * tissue).astype(np.float32)
+    out = thumb.astype(np.float32)
+    delta = colorize(values, lut).astype(np.float32)
+    delta -= out
+    delta *= a[..., None]
+    out += delta  # thumb * (1 - a) + colour * a, in place
+    blended = np.rint(out).astype(np.uint8)
+    blended[a == 0] = thumb[a == 0]  # exactly the thumbnail where nothing is laid over
+    return blended
 
 
 def write_png(final: Path, image: np.ndarray, text: dict[str, str]) -> Path:
@@ -89,11 +105,18 @@ class PatchView:
     caption: str
 
 
-def top_patches(reader: Any, coords: np.ndarray, size0: float, maps: Any, score: np.ndarray,
-                probs: np.ndarray, low: float, high: float, k: int = TOP_K) -> list[PatchView]:  # fmt: skip
+def top_patches(
+    reader: Any,
+    coords: np.ndarray,
+    size0: float,
+    maps: Any,
+    score: np.ndarray,
+    probs: np.ndarray,
+    low: float,
+    high: float,
+    k: int = TOP_K,
+) -> list[PatchView]:
     """The ``k`` patches of highest ``score``, read from the slide at a level near ``PATCH_VIEW`` px."""
-    from wsi_scaat.heatmaps.geojson import normalise
-
     level = reader.info.best_level_for_downsample(max(1.0, size0 / PATCH_VIEW))
     side = max(1, int(round(size0 / reader.info.level_downsamples[level])))
     views = []
@@ -105,8 +128,16 @@ def top_patches(reader: Any, coords: np.ndarray, size0: float, maps: Any, score:
     return views
 
 
-def write_figure(final: Path, thumb: np.ndarray, values: np.ndarray, overlay: np.ndarray, colormap: str,
-                 lines: Sequence[str], patches: Sequence[PatchView] = (), title: str = "") -> Path:  # fmt: skip
+def write_figure(
+    final: Path,
+    thumb: np.ndarray,
+    values: np.ndarray,
+    overlay: np.ndarray,
+    colormap: str,
+    lines: Sequence[str],
+    patches: Sequence[PatchView] = (),
+    title: str = "",
+) -> Path:
     """One-page figure: thumbnail, heatmap with colour bar, overlay, ``lines`` of numbers, top patches."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -114,7 +145,12 @@ def write_figure(final: Path, thumb: np.ndarray, values: np.ndarray, overlay: np
 
     fig = Figure(figsize=(16, 9.5), dpi=100, layout="constrained")
     grid = fig.add_gridspec(2, 3, height_ratios=[3.0, 1.3])
-    panels = [(thumb, "slide"), (values, "saliency heatmap"), (overlay, "overlay")]
+    scale = min(1.0, PANEL_SIDE / max(thumb.shape[:2]))
+    size = (max(1, round(thumb.shape[1] * scale)), max(1, round(thumb.shape[0] * scale)))
+    panels = [
+        (cv2.resize(img, size, interpolation=cv2.INTER_AREA), name)
+        for img, name in ((thumb, "slide"), (values, "saliency heatmap"), (overlay, "overlay"))
+    ]
     for col, (img, name) in enumerate(panels):
         ax = fig.add_subplot(grid[0, col])
         if img.ndim == 2:

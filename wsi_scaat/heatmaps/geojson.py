@@ -35,24 +35,24 @@ from wsi_scaat.atomic import atomic_output
 #: Significant digits of the numbers written.
 SIGNIFICANT = 5
 #: Patch maps read per batch (bytes of float16).
-MAP_BATCH_BYTES = 32 * 1024**2
+MAP_BATCH_BYTES = 8 * 1024**2
 #: QuPath class and colour of the high-saliency regions.
 REGION_CLASS = "saliency-high"
 REGION_COLOR = (230, 50, 30)
 
 
 def num(value: float) -> float | None:
-    """``value`` rounded to ``SIGNIFICANT`` significant digits (None for NaN/inf, invalid in JSON)."""
+    """``value`` rounded to ``SIGNIFICANT`` significant digits (None for NaN/inf: left out of the JSON)."""
     v = float(value)
     return float(f"{v:.{SIGNIFICANT}g}") if np.isfinite(v) else None
 
 
 def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Map raw saliency to [0, 1] like the heatmap; non-finite values read as 0 (NaN) or large (inf)."""
-    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=65504.0, neginf=0.0)
+    v = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=65504.0, neginf=0.0)
     if high > low:
-        return np.clip((v - low) / (high - low), 0.0, 1.0)
-    return (v > low).astype(np.float64)
+        return np.clip((v - np.float32(low)) / np.float32(high - low), 0.0, 1.0)
+    return (v > low).astype(np.float32)
 
 
 def patch_saliency(maps: Any, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
@@ -91,18 +91,21 @@ def tile_features(
 ) -> Iterator[dict[str, Any]]:
     """One locked QuPath tile per patch: a closed square of side ``size0`` at its top-left ``coords``."""
     s = int(size0) if float(size0).is_integer() else float(size0)
-    keys = [f"prob_{name}" for name in class_names]
+    keys = [*(f"prob_{name}" for name in class_names), "saliency_mean", "saliency_max"]
     for i, (x, y) in enumerate(np.asarray(coords).tolist()):
         ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
-        measurements = {k: num(p) for k, p in zip(keys, probs[i], strict=True)}
-        measurements["saliency_mean"] = num(saliency_mean[i])
-        measurements["saliency_max"] = num(saliency_max[i])
+        values = [*probs[i], saliency_mean[i], saliency_max[i]]
+        measurements = {k: v for k, v in zip(keys, map(num, values), strict=True) if v is not None}
         yield {
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "tile", "isLocked": True, "name": f"patch {i}",
-                           "measurements": measurements},
-        }  # fmt: skip
+            "properties": {
+                "objectType": "tile",
+                "isLocked": True,
+                "name": f"patch {i}",
+                "measurements": measurements,
+            },
+        }
 
 
 def _pixel_outline(contour: np.ndarray, padded: np.ndarray) -> np.ndarray:
@@ -125,19 +128,21 @@ def _pixel_outline(contour: np.ndarray, padded: np.ndarray) -> np.ndarray:
     return np.insert(contour, idx + 1, corner[idx], axis=0)
 
 
-def _rings(mask: np.ndarray) -> tuple[list[Polygon], list[Polygon]]:
-    """Outer rings and holes of the ``True`` regions, in pixel-centre coordinates (x, y)."""
+def _rings(mask: np.ndarray, min_area: float = 0.0) -> tuple[list[Polygon], list[Polygon]]:
+    """Outer rings and holes (pixel-centre x, y) of the ``True`` regions with area >= ``min_area``."""
     from skimage.measure import find_contours
 
     padded = np.pad(mask, 1).astype(np.float32)
     outers, holes = [], []
     for c in find_contours(padded, 0.5, fully_connected="high", positive_orientation="high"):
-        if len(c) < 4:
+        cut = 0.5 * abs(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1]))
+        if len(c) < 4 or cut + len(c) / 8 < min_area:  # corners cut are 1/8 px^2 each
             continue
         xy = _pixel_outline(c, padded)[:-1, ::-1] - 1.0
         first = np.lexsort((xy[:, 1], xy[:, 0]))[0]  # an extreme vertex: simplification keeps the start
-        ring = shapely.LinearRing(np.roll(xy, -first, axis=0))
-        (holes if ring.is_ccw else outers).append(Polygon(ring))
+        ring = Polygon(np.roll(xy, -first, axis=0))
+        if ring.area >= min_area:
+            (holes if ring.exterior.is_ccw else outers).append(ring)
     return outers, holes
 
 
@@ -151,30 +156,38 @@ def _polygon_parts(geom: Any) -> list[Polygon]:
 
 
 def region_polygons(
-    values: np.ndarray, threshold: float, downsample: float, *, min_area_px: float = 0.0, tolerance: float = 1.0
+    values: np.ndarray,
+    threshold: float,
+    downsample: float,
+    *,
+    min_area_px: float = 0.0,
+    tolerance: float = 1.0,
 ) -> list[Polygon]:
-    """Valid polygons (level-0 pixels) of ``values >= threshold`` on a level of ``downsample``."""
+    """Valid polygons of ``values >= threshold`` on a level of ``downsample``; level-0 px, largest first."""
     mask = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=-np.inf) >= threshold
-    outers, holes = _rings(mask)
+    outers, holes = _rings(mask, min_area_px / downsample**2)
     if not outers:
         return []
     owner: dict[int, list[Polygon]] = {}
-    if holes:
-        tree = shapely.STRtree(outers)
+    if holes:  # a hole belongs to the smallest outer ring around a point of its boundary
         areas = np.array([p.area for p in outers])
-        hole_idx, outer_idx = tree.query(holes, predicate="within")
+        corners = shapely.points([h.exterior.coords[0] for h in holes])
+        hole_idx, outer_idx = shapely.STRtree(outers).query(corners, predicate="within")
         for h in np.unique(hole_idx):
             candidates = outer_idx[hole_idx == h]
             owner.setdefault(int(candidates[np.argmin(areas[candidates])]), []).append(holes[h])
-    to_level0 = (lambda c: np.round((c + 0.5) * downsample, 3))  # fmt: skip
+
+    def to_level0(c: np.ndarray) -> np.ndarray:  # pixel centres -> level-0 pixels
+        return np.round((c + 0.5) * downsample, 3)
+
     polygons = []
     for i, outer in enumerate(outers):
-        kept = [h.exterior for h in owner.get(i, []) if h.area * downsample**2 >= min_area_px]
+        kept = [h.exterior for h in owner.get(i, [])]
         poly = shapely.simplify(Polygon(outer.exterior, kept), tolerance, preserve_topology=True)
         for part in _polygon_parts(shapely.transform(poly, to_level0)):
             if part.area >= min_area_px:
                 polygons.append(part)
-    return polygons
+    return sorted(polygons, key=lambda p: -p.area)
 
 
 def centres_inside(rings: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:

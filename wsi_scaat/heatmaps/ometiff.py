@@ -141,12 +141,13 @@ def write_heatmap_ome_tiff(
     ome_downsample: float = 1.0,
     name: str = "heatmap",
     compression: str = "zlib",
-    maxworkers: int = 2,
+    maxworkers: int = 1,
 ) -> Path:
     """Write ``final`` atomically from heatmap pyramid ``levels`` (2-D arrays, values in [0, 1]).
 
     ``slide_size`` is the slide's level-0 ``(width, height)``, ``mpp`` its level-0 µm per pixel.
-    Single-channel uint8 (``round(255 v)``), or RGB through ``lut`` (see :func:`colormap_lut`).
+    Single-channel uint8 (``round(255 v)``), or RGB through ``lut`` (see :func:`colormap_lut`);
+    ``maxworkers`` threads compress tiles.
     """
     import tifffile
 

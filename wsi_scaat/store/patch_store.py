@@ -140,10 +140,10 @@ class ZarrWriter(PatchStoreWriter):
         arr[...] = data
 
     def set_attrs(self, attrs: dict[str, Any]) -> None:
-        plain = {k: plain(v) for k, v in attrs.items()}
-        self._root.attrs.update(plain)
+        values = {k: plain(v) for k, v in attrs.items()}
+        self._root.attrs.update(values)
         if "coords" in self._root:
-            self._root["coords"].attrs.update(plain)
+            self._root["coords"].attrs.update(values)
 
     def close(self) -> None:
         pass
