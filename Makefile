@@ -32,6 +32,8 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/bench_tiling.py
+	$(BIN)/python benchmarks/bench_training.py
+	$(BIN)/python benchmarks/bench_stitching.py
 
 clean-demo:
 	rm -rf results/demo data/demo
