@@ -108,3 +108,20 @@ def test_best_epoch_selection_breaks_ties_by_loss() -> None:
     ranked = sorted(range(4), key=lambda i: _score(rows[i], "val_auroc"), reverse=True)
     assert ranked == [1, 0, 3, 2]  # NaN AUROC falls back to accuracy 0.95 < 1.0 but > 0.9
     assert max(range(3), key=lambda i: _score(rows[i], "val_loss")) == 2
+
+
+def test_training_needs_only_train_and_val_stores(tiny_cohort: dict, tmp_path: Path) -> None:
+    """Test slides may still be tiling while a model trains (Snakemake schedules it so)."""
+    import shutil
+
+    from wsi_scaat.manifest import read_manifest
+
+    results = tmp_path / "results"
+    shutil.copytree(Path(tiny_cohort["results_dir"]), results)
+    test_ids = [e.slide_id for e in read_manifest(tiny_cohort["cohort"]["manifest"]) if e.split == "test"]
+    assert test_ids
+    for sid in test_ids:
+        (results / "tiny" / "tiles" / f"{sid}.h5").unlink()
+    cfg = validate_config({**tiny_cohort, "results_dir": str(results),
+                           "train": {**tiny_cohort["train"], "epochs": 1}})  # fmt: skip
+    assert fit(cfg, "erm", tmp_path / "m", log=_quiet)["epochs"] == 1

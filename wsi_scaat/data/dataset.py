@@ -158,14 +158,15 @@ class PatchDataset(Dataset):
 
 
 def cohort_stores(
-    manifest: Path, tiles_dir: Path, fmt: str = "h5"
+    manifest: Path, tiles_dir: Path, fmt: str = "h5", splits: Sequence[str] = SPLITS
 ) -> dict[str, list[tuple[Path, int | None]]]:
-    """Split name -> ``[(store path, slide label)]`` in manifest order; slides without a split are left out.
+    """Split name -> ``[(store path, slide label)]`` in manifest order, for ``splits`` only.
 
-    Splits are by slide, as the manifest assigns them. Every store must exist.
+    Splits are by slide, as the manifest assigns them. Every store of the requested splits must
+    exist (the others may still be in the making, e.g. test slides while a model trains).
     """
     suffix = store_suffix(fmt)
-    out: dict[str, list[tuple[Path, int | None]]] = {s: [] for s in SPLITS}
+    out: dict[str, list[tuple[Path, int | None]]] = {s: [] for s in splits}
     missing: list[Path] = []
     for entry in read_manifest(manifest):
         if entry.split not in out:

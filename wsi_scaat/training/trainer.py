@@ -93,7 +93,7 @@ def build_job(cfg: Config, method_name: str, show_progress: bool | None = None) 
     device = resolve_device(tc.device)
     if device.type == "cpu" and tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    splits = cohort_stores(cfg.cohort.manifest, cfg.results / "tiles", cfg.tiling.format)
+    splits = cohort_stores(cfg.cohort.manifest, cfg.results / "tiles", cfg.tiling.format, ("train", "val"))
     if not splits.get("train"):
         raise TrainingError(cfg.cohort.manifest, "no slide of split 'train' in the manifest")
 
