@@ -12,8 +12,7 @@ and as attributes every attribute of the patch store (geometry, mpp, slide id...
 ``checkpoint``, ``model_method``, ``saliency_version``. A map pixel covers
 ``patch_size_level0 / map_size`` level-0 pixels.
 
-The full data contracts of the saliency store and the heatmap pyramid (the "CONTRACTS_PLACEHOLDER"
-of the stitching and export tasks) are in docs/contracts.md and wsi_scaat/heatmaps/__init__.py.
+The saliency store and the heatmap pyramid built from it are documented in docs/contracts.md.
 """
 
 from __future__ import annotations
