@@ -25,6 +25,8 @@ rule export:
         args=get_export_args,
         outdir=get_parent,
     threads: 1
+    conda:
+        "envs/wsi-scaat.yaml"
     log:
         f"{RESULTS}/logs/export/{{model}}/{{slide}}.log",
     shell:

@@ -14,6 +14,8 @@ rule saliency:
     resources:
         gpu=get_gpus,
     threads: 2
+    conda:
+        "envs/wsi-scaat.yaml"
     log:
         f"{RESULTS}/logs/saliency/{{model}}/{{slide}}.log",
     benchmark:

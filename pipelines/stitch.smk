@@ -10,6 +10,8 @@ rule stitch:
         wsi=WSI,
         args=get_stitch_args,
     threads: 2
+    conda:
+        "envs/wsi-scaat.yaml"
     log:
         f"{RESULTS}/logs/stitch/{{model}}/{{slide}}.log",
     benchmark:

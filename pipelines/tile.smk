@@ -12,6 +12,8 @@ rule tile:
         wsi=WSI,
         args=get_tile_args,
         outdir=get_parent,
+    conda:
+        "envs/wsi-scaat.yaml"
     log:
         f"{RESULTS}/logs/tile/{{slide}}.log",
     benchmark:

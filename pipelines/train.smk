@@ -23,6 +23,8 @@ rule train:
     resources:
         gpu=get_gpus,
     threads: 2
+    conda:
+        "envs/wsi-scaat.yaml"
     log:
         f"{RESULTS}/logs/train/{{method}}.log",
     benchmark:
