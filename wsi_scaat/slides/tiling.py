@@ -228,21 +228,19 @@ def _fill_store(
         disable=not progress,
         mininterval=1.0,
     )
+    pending: deque[Future] = deque()
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque[Future] = deque()
-            todo = iter(regions)
-            for idx in todo:
-                pending.append(pool.submit(_read_and_encode, readers, grid, idx, store.encode))
-                if len(pending) >= 2 * workers:  # bound the patches held in memory
-                    _drain(pending.popleft(), store, bar)
-            while pending:
+        for idx in regions:
+            pending.append(pool.submit(_read_and_encode, readers, grid, idx, store.encode))
+            if len(pending) >= 2 * workers:  # bound the patches held in memory
                 _drain(pending.popleft(), store, bar)
-    except BaseException:
-        for fut in pending:
-            fut.cancel()
-        raise
+        while pending:
+            _drain(pending.popleft(), store, bar)
     finally:
+        # On a read error, regions not yet started are dropped; running ones finish before the
+        # handles close.
+        pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
         readers.close()
 
