@@ -1,0 +1,159 @@
+"""The evaluation stage: ground-truth rasterisation, slide-level AUROC, sampling, the report, and one
+model evaluated end to end on the tiny cohort, cross-checked against dense recomputation."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from shapely.geometry import box
+
+from wsi_scaat.config import validate_config
+from wsi_scaat.evaluation import LesionRegion, auroc_from_histograms, evaluate_model, heatmap_histograms
+from wsi_scaat.evaluation.evaluate import _sample
+from wsi_scaat.evaluation.report import metrics_markdown, write_report
+from wsi_scaat.heatmaps.stitching import stitch, stitch_dense
+from wsi_scaat.metrics import auroc, sparseness_gini
+from wsi_scaat.saliency.stage import run_saliency
+from wsi_scaat.saliency.store import open_saliency_store
+from wsi_scaat.store import open_store
+
+
+def test_patch_masks_use_pixel_centres() -> None:
+    region = LesionRegion([box(10, 10, 30, 30)])
+    masks = region.patch_masks(np.array([[0, 0], [20, 0]]), size0=40, map_size=4)
+    # pixel centres at 5, 15, 25, 35 (+ x offset): inside for 15 and 25 in both axes
+    expected = np.zeros((4, 4), bool)
+    expected[1:3, 1:3] = True
+    assert (masks[0] == expected).all()
+    expected = np.zeros((4, 4), bool)
+    expected[1:3, 0] = True  # second patch: columns at x = 25, 35, 45, 55
+    assert (masks[1] == expected).all()
+    assert not LesionRegion([]).patch_masks(np.zeros((2, 2)), 40, 4).any()
+
+
+def test_grid_mask_matches_patch_masks() -> None:
+    region = LesionRegion([box(3, 7, 50, 29)])
+    grid = region.grid_mask((0, 8), (0, 8), 8.0)
+    assert (grid == region.patch_masks(np.array([[0, 0]]), 64, 8)[0]).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 300))
+def test_histogram_auroc_equals_rank_auroc(seed: int, n: int) -> None:
+    rng = np.random.default_rng(seed)
+    bins = 64
+    values = rng.integers(0, bins, n) / bins  # on bin edges: the binned statistic is exact
+    labels = rng.random(n) < 0.4
+    idx = np.floor(values * bins).astype(int)
+    pos = np.bincount(idx[labels], minlength=bins)
+    neg = np.bincount(idx[~labels], minlength=bins)
+    expected = auroc(values, labels)
+    got = auroc_from_histograms(pos, neg)
+    assert (np.isnan(got) and np.isnan(expected)) or got == pytest.approx(expected, abs=1e-12)
+
+
+def test_sample_is_stratified_seeded_and_eligible_only() -> None:
+    labels = [np.array([1] * 10 + [0] * 30), np.array([0] * 20 + [1] * 5)]
+    eligible = [np.ones(40, bool), np.r_[np.zeros(10, bool), np.ones(15, bool)]]
+    a = _sample(labels, eligible, 20, seed=3)
+    assert [x.tolist() for x in a] == [x.tolist() for x in _sample(labels, eligible, 20, seed=3)]
+    picked = [(k, int(i)) for k, idx in enumerate(a) for i in idx]
+    assert len(picked) == 20
+    assert sum(labels[k][i] for k, i in picked) == 10  # half lesion
+    assert all(eligible[k][i] for k, i in picked)
+    assert all((np.diff(x) > 0).all() for x in a)  # sorted, for h5 reads
+    few = _sample([np.array([1, 0, 0, 0, 0, 0])], [np.ones(6, bool)], 4, seed=0)
+    assert len(few[0]) == 4 and 0 in few[0]  # the only lesion patch is taken, negatives fill the rest
+
+
+def test_markdown_marks_the_best_of_each_column() -> None:
+    rows = [
+        {"model": "erm", "knobs": "", "accuracy": 0.9, "gini": 0.4, "gini_ci95": 0.01, "deletion_auc": 0.3},
+        {"model": "scaat", "knobs": "mask_ratio=0.5", "accuracy": 0.9, "gini": 0.7, "gini_ci95": 0.02,
+         "deletion_auc": 0.2},
+    ]  # fmt: skip
+    text = metrics_markdown(rows)
+    erm, scaat = (
+        line for line in text.splitlines() if line.startswith("| erm") or line.startswith("| scaat")
+    )
+    assert "**0.700 ± 0.020**" in scaat and "0.400 ± 0.010" in erm and "**0.400" not in erm
+    assert "**0.200**" in scaat  # deletion: lower is better
+    assert erm.count("**0.900**") == 1 and scaat.count("**0.900**") == 1  # ties are both best
+    assert "n/a" in erm  # missing figures are said, not invented
+
+
+@pytest.fixture(scope="module")
+def evaluated(tiny_cohort: dict, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny checkpoint explained, stitched and evaluated on the tiny cohort's lesion slide."""
+    root = tmp_path_factory.mktemp("eval")
+    cfg = validate_config({**tiny_cohort, "results_dir": str(root / "results"), "model_checkpoint":
+                           str(tiny_checkpoint), "evaluate": {"splits": ["val"], "max_patches": 24,
+                           "deletion_steps": 4, "road_percentages": [0.2, 0.6]}})  # fmt: skip
+    tiles = Path(tiny_cohort["results_dir"]) / "tiny" / "tiles"
+    (cfg.results / "tiles").parent.mkdir(parents=True)
+    (cfg.results / "tiles").symlink_to(tiles)
+    sal_dir, heat_dir = cfg.results / "saliency" / "pretrained", cfg.results / "heatmaps" / "pretrained"
+    sal = run_saliency(tiny_checkpoint, tiles / "synth_001.h5", sal_dir, target="lesion", progress=False)
+    heat = stitch(sal, heat_dir / "synth_001.heatmap.zarr", chunk=64)
+    out = cfg.results / "evaluation"
+    summary = evaluate_model(cfg, "pretrained", out, log=lambda _: None)
+    return {"cfg": cfg, "summary": summary, "sal": sal, "heat": heat, "out": out, "tiles": tiles}
+
+
+def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
+    s, cfg = evaluated["summary"], evaluated["cfg"]
+    sal = open_saliency_store(evaluated["sal"])
+    with open_store(evaluated["tiles"] / "synth_001.h5") as tiles:
+        labels, coords, size0 = tiles.array("labels"), tiles.coords, float(tiles.attrs["patch_size_level0"])
+    probs = sal.array("probs")
+    assert s["n_patches"] == len(labels) and s["n_slides"] == 1
+    assert s["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
+    maps = torch.from_numpy(np.asarray(sal.maps[...], dtype=np.float32))
+    assert s["gini"] == pytest.approx(float(sparseness_gini(maps).double().mean()), rel=1e-9)
+    # slide level: the out-of-core histogram AUROC equals the dense canvas' rank AUROC
+    region = LesionRegion.from_geojson(Path(cfg.cohort.manifest).parent / "annotations/synth_001.geojson")
+    dense = stitch_dense(evaluated["sal"])
+    hd = float(sal.attrs["patch_size_level0"]) / int(sal.attrs["map_size"])
+    lesion = region.grid_mask((0, dense.shape[0]), (0, dense.shape[1]), hd)
+    from wsi_scaat.heatmaps.stitching import tissue_pixels
+
+    tissue = tissue_pixels(np.asarray(sal.array("tissue_mask")), float(sal.attrs["tissue_downsample"]), hd,
+                           (0, dense.shape[0], 0, dense.shape[1]))  # fmt: skip
+    expected = auroc(dense[tissue], lesion[tissue])
+    assert 0 < lesion[tissue].mean() < 1
+    assert s["heatmap_auroc"] == pytest.approx(expected, abs=1e-4)
+    pos, neg = heatmap_histograms(evaluated["heat"], evaluated["sal"], region)
+    assert pos.sum() + neg.sum() == tissue.sum() and pos.sum() == (lesion & tissue).sum()
+    # localisation only on patches holding lesion; faithfulness on at most max_patches
+    n_lesion = int((region.patch_masks(coords, size0, maps.shape[-1]).any((1, 2))).sum())
+    assert 0 < s["pointing_game_n"] <= n_lesion
+    assert 0 < s["deletion_auc_n"] <= 24
+    for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "reconstruction_kept", "gini"):
+        assert 0.0 <= s[key] <= 1.0, key
+
+
+def test_evaluation_writes_per_patch_rows_and_report(evaluated: dict) -> None:
+    out, s = evaluated["out"], evaluated["summary"]
+    with (out / "models" / "pretrained.patches.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == s["n_patches"]
+    gini = np.array([float(r["gini"]) for r in rows])
+    assert gini.mean() == pytest.approx(s["gini"], rel=1e-5)
+    assert sum(r["deletion_auc"] != "" for r in rows) == s["deletion_auc_n"]
+    paths = write_report(evaluated["cfg"], out, ["pretrained"])
+    table = paths["markdown"].read_text()
+    assert table.startswith("| model |") and "| pretrained |" in table
+    with paths["csv"].open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["gini"]) == pytest.approx(s["gini"])
+    from PIL import Image
+
+    for kind in ("figure_grid", "tradeoff"):
+        with Image.open(paths[kind]) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
