@@ -77,3 +77,36 @@ def test_manifest_resolves_paths(tmp_path: Path) -> None:
 def test_bad_manifests(tmp_path: Path, text: str, why: str) -> None:
     with pytest.raises(ManifestError, match=why):
         read_manifest(_write(tmp_path, text))
+
+
+def test_named_runs_override_train_settings() -> None:
+    base = load_config(REPO / "configs/demo.yaml")
+    runs = {"scaat_mr0.8": {"method": "scaat", "scaat": {"mask_ratio": 0.8}, "epochs": 2}}
+    data = base.model_dump(mode="json")
+    cfg = validate_config({**data, "train": {**data["train"], "runs": runs}})
+    assert cfg.models == ["erm", "scaat", "scaat_mr0.8"]
+    method, run = cfg.training_run("scaat_mr0.8")
+    assert method == "scaat" and run.train.scaat.mask_ratio == 0.8 and run.train.epochs == 2
+    assert run.train.scaat.eps == base.train.scaat.eps  # untouched knobs keep the base value
+    assert cfg.training_run("erm") == ("erm", cfg)
+    sweep = load_config(REPO / "configs/demo.yaml", REPO / "configs/sweep.yaml")
+    assert len(sweep.models) == 12 and {sweep.training_run(m)[0] for m in sweep.models} == {
+        "erm", "scaat", "advgrad", "sgt"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("runs", "why"),
+    [
+        ({"x": {"scaat": {"mask_ratio": 0.8}}}, "'method' must be one of"),
+        ({"x": {"method": "scaat", "scaat": {"mask_rat": 0.8}}}, "scaat.mask_rat: unknown key"),
+        ({"x": {"method": "scaat", "scaat": {"mask_ratio": 2}}}, "scaat.mask_ratio"),
+        ({"scaat": {"method": "scaat"}}, "not a method name"),
+        ({"../x": {"method": "erm"}}, "run name"),
+        ({"x": {"method": "erm", "runs": {}}}, "cannot be overridden"),
+    ],
+)
+def test_bad_runs_name_the_run(runs: dict, why: str) -> None:
+    with pytest.raises(ConfigError, match=why.replace(".", r"\.").replace("(", r"\(")):
+        validate_config({"cohort": {"name": "c", "manifest": "m.csv"}, "train": {"runs": runs}})
+    with pytest.raises(ConfigError, match="neither a method"):
+        validate_config({"cohort": {"name": "c", "manifest": "m.csv"}}).training_run("nope")
