@@ -20,3 +20,16 @@ rule all:
     input:
         get_final_outputs(),
     default_target: True
+
+
+# After every run, failed or not (--keep-going included): results/<cohort>/run_summary.csv.
+onsuccess:
+    from wsi_scaat.run_summary import summarize_quietly
+
+    summarize_quietly(CFG, SLIDES.values())
+
+
+onerror:
+    from wsi_scaat.run_summary import summarize_quietly
+
+    summarize_quietly(CFG, SLIDES.values())

@@ -11,6 +11,9 @@ from wsi_scaat.manifest import read_manifest
 
 try:
     CFG = validate_config(config, source="snakemake config")
+    for key, value in (("results_dir", CFG.results_dir), ("model_checkpoint", CFG.model_checkpoint)):
+        if value is not None and re.search("[{}]", str(value)):  # Snakemake reads braces as wildcards
+            raise WsiScaatError("snakemake config", f"{key}: braces are not allowed in the workflow's paths")
     SLIDES = {entry.slide_id: entry for entry in read_manifest(CFG.cohort.manifest)}
 except WsiScaatError as err:
     sys.exit(f"wsi-scaat: error: {err}")
@@ -45,13 +48,30 @@ def get_slide_path(wildcards):
     return str(SLIDES[wildcards.slide].path)
 
 
+def as_input(path):
+    """``path`` as a rule input, or None when it cannot be one.
+
+    Left out: a file that does not exist (the job then fails for that slide alone, with a one-line
+    reason in its log, instead of Snakemake stopping the whole cohort), and a name holding
+    ``{word}``, which Snakemake would read as a wildcard. Jobs get their files through params.
+    """
+    path = str(path)
+    return path if os.path.exists(path) and not re.search(r"\{\s*[.\w]+\s*[,}]", path) else None
+
+
+def get_slide_input(wildcards):
+    """The slide file as an input, when it can be one (see as_input)."""
+    path = as_input(get_slide_path(wildcards))
+    return [path] if path else []
+
+
 def get_slide_inputs(wildcards):
-    """The slide file and, when the manifest names one, its annotations."""
+    """The slide file and, when the manifest names one, its annotations (those that can be inputs)."""
     entry = SLIDES[wildcards.slide]
-    inputs = {"slide": str(entry.path)}
+    inputs = {"slide": as_input(entry.path)}
     if entry.annotations is not None:
-        inputs["annotations"] = str(entry.annotations)
-    return inputs
+        inputs["annotations"] = as_input(entry.annotations)
+    return {key: path for key, path in inputs.items() if path}
 
 
 def get_tile_args(wildcards):

@@ -5,7 +5,7 @@ rule export:
     input:
         heatmap=f"{RESULTS}/heatmaps/{{model}}/{{slide}}.heatmap.zarr",
         saliency=f"{RESULTS}/saliency/{{model}}/{{slide}}.saliency.zarr",
-        slide=get_slide_path,
+        slide=get_slide_input,
     output:
         tiles=f"{RESULTS}/export/{{model}}/{{slide}}.tiles.geojson",
         regions=f"{RESULTS}/export/{{model}}/{{slide}}.regions.geojson",

@@ -10,6 +10,7 @@ rule tile:
         outline=f"{RESULTS}/tiles/{{slide}}.tissue.geojson",
     params:
         wsi=WSI,
+        slide=get_slide_path,
         args=get_tile_args,
         outdir=get_parent,
     conda:
@@ -20,5 +21,5 @@ rule tile:
         f"{RESULTS}/benchmarks/tile/{{slide}}.tsv"
     threads: 2
     shell:
-        "{params.wsi} tile {input.slide:q} --out {params.outdir:q} --slide-id {wildcards.slide:q}"
+        "{params.wsi} tile {params.slide:q} --out {params.outdir:q} --slide-id {wildcards.slide:q}"
         " --workers {threads} --no-progress {params.args} > {log:q} 2>&1"

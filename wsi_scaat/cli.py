@@ -29,7 +29,7 @@ app = typer.Typer(
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"wsi-scaat: error: {message}", err=True)
+    typer.echo(f"wsi-scaat: error: {' '.join(message.split())}", err=True)  # one line, always
     raise typer.Exit(1)
 
 
@@ -443,6 +443,25 @@ def outputs(
                 f"  {state['method']:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
                 f"{row['val_auroc']:.3f}  (epoch {state['epoch']} of {total})  {path}"
             )
+
+
+@app.command()
+@one_line_errors
+def summarize(
+    config: Annotated[list[Path], typer.Option(help="The workflow's config file(s).")],
+) -> None:
+    """Write <results>/<cohort>/run_summary.csv: each slide's status, failing stage and one-line reason."""
+    from wsi_scaat.config import load_config
+    from wsi_scaat.manifest import read_manifest
+    from wsi_scaat.run_summary import describe, write_summary
+
+    cfg = load_config(*config)
+    path, rows = write_summary(cfg, read_manifest(cfg.cohort.manifest))
+    typer.echo(describe(path, rows))
+    for row in rows:
+        if row.status != "ok":
+            model = f" [{row.model}]" if row.model else ""
+            typer.echo(f"  {row.slide_id}{model}: {row.status} at {row.stage}: {row.reason}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -30,7 +30,10 @@ class SlideEntry:
 
 
 def check_slide_id(slide_id: str) -> str:
-    """A slide id that is safe as a file name: no separators, no leading dot, no control characters."""
+    """A slide id that is safe as a file name: no separators, no leading dot, no control characters.
+
+    Nor braces: the workflow's file patterns would read ``{...}`` as a Snakemake wildcard.
+    """
     bad = (
         not slide_id
         or slide_id.startswith(".")
@@ -40,6 +43,8 @@ def check_slide_id(slide_id: str) -> str:
     )
     if bad:
         raise ValueError(f"unsafe slide_id {slide_id!r} (it names output files)")
+    if any(c in slide_id for c in "{}"):
+        raise ValueError(f"slide_id {slide_id!r} holds '{{' or '}}' (Snakemake reads braces as wildcards)")
     return slide_id
 
 

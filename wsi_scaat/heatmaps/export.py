@@ -27,6 +27,7 @@ import zarr
 from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
 from wsi_scaat.heatmaps import figures, geojson, ometiff
+from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import open_saliency_store
 from wsi_scaat.slides import open_slide
 
@@ -256,6 +257,10 @@ def export_slide(
         raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
     hm = open_heatmap(heatmap)
     patches, attrs = _read_patches(Path(saliency_store), hm)
+    try:  # the id names the outputs: never a path out of out_dir
+        check_slide_id(hm.slide_id)
+    except ValueError as exc:
+        raise StoreError(heatmap, str(exc)) from None
     final = {key: Path(out_dir) / f"{hm.slide_id}{suffix}" for key, suffix in OUTPUTS.items()}
     lut = ometiff.colormap_lut(colormap)
     with open_slide(slide_path or attrs["source_path"]) as reader, contextlib.ExitStack() as stack:

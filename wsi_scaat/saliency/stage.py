@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from wsi_scaat import __version__
 from wsi_scaat.errors import WsiScaatError
+from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import SUFFIX, create_saliency_store
 from wsi_scaat.store import open_store
 from wsi_scaat.training.checkpoint import load_checkpoint
@@ -136,7 +137,11 @@ def run_saliency(
                 None, f"map downsample {map_downsample} does not divide the patch size {size}"
             )
         map_size = size // map_downsample
-        out = Path(out_dir) / f"{attrs['slide_id']}{SUFFIX}"
+        try:  # the id names the output: never a path out of out_dir
+            slide_id = check_slide_id(str(attrs["slide_id"]))
+        except ValueError as exc:
+            raise SaliencyError(patches.path, str(exc)) from None
+        out = Path(out_dir) / f"{slide_id}{SUFFIX}"
         meta = {
             **attrs,
             "saliency_method": method,

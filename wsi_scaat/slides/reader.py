@@ -163,7 +163,7 @@ def open_slide(path: str | Path, mpp_override: float | None = None) -> SlideRead
         except SlideOpenError:
             raise
         except Exception as exc:
-            causes.append(f"{backend.name}: {exc}")
+            causes.append(f"{backend.name}: {str(exc) or type(exc).__name__}")
             continue
         try:
             info = reader.info

@@ -48,14 +48,16 @@ _saved_level = logging.NOTSET
 def _quiet() -> Iterator[None]:
     """Silence tiatoolbox, which logs guesses (e.g. inferred objective power) on the root logger.
 
-    Counted, so overlapping scopes in reader threads restore the level only when the last ends.
+    Errors too (tifffile logs e.g. a truncated file's bad page offsets before raising): what
+    fails surfaces as the exception, in one line. Counted, so overlapping scopes in reader
+    threads restore the level only when the last ends.
     """
     global _quiet_depth, _saved_level
     root = logging.getLogger()
     with _QUIET_LOCK:
         if _quiet_depth == 0:
             _saved_level = root.level
-            root.setLevel(logging.ERROR)
+            root.setLevel(logging.CRITICAL)
         _quiet_depth += 1
     try:
         with warnings.catch_warnings():

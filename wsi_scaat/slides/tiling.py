@@ -24,6 +24,8 @@ from tqdm import tqdm
 from wsi_scaat import __version__
 from wsi_scaat.annotations import coverage_fraction, read_annotations
 from wsi_scaat.atomic import atomic_output
+from wsi_scaat.errors import WsiScaatError
+from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.slides.reader import SlideInfo, SlideReader, open_slide
 from wsi_scaat.slides.tissue import TissueMask, detect_slide_tissue, save_tissue_png, tissue_geojson
 from wsi_scaat.store import create_store, store_suffix
@@ -70,6 +72,12 @@ def plan_grid(
     if abs(ratio - 1.0) <= snap_tolerance:
         ratio, downsample = 1.0, level_ds
     crop = int(round(patch_size * ratio))
+    if crop < 1:  # e.g. a bogus resolution tag (72 dpi read as the scan's resolution)
+        raise WsiScaatError(
+            info.path,
+            f"level-0 mpp {mpp0:g} is so coarse that a {patch_size}-px patch at {target_mpp:g} mpp "
+            "would come from less than one pixel; check the slide's mpp (or give --mpp-override)",
+        )
     step = (patch_size - overlap) * ratio
     lw, lh = info.level_dimensions[level]
     nx = int((lw - crop) // step) + 1 if lw >= crop else 0
@@ -179,7 +187,7 @@ def tile_slide(
     under ``out_dir``; all three appear only if the whole slide was read successfully.
     """
     slide = Path(slide)
-    slide_id = slide_id or slide.stem
+    slide_id = check_slide_id(slide_id or slide.stem)  # it names the outputs: never a path
     out_dir = Path(out_dir)
     store_path = out_dir / f"{slide_id}{store_suffix(params.format)}"
     with open_slide(slide, mpp_override) as reader:
@@ -187,7 +195,15 @@ def tile_slide(
         tissue, _ = detect_slide_tissue(reader, params.thumbnail_mpp)
     grid = plan_grid(info, params.patch_size, params.target_mpp, params.overlap)
     fraction = tissue.fraction_in(grid.coords[:, 0], grid.coords[:, 1], grid.patch_size_level0)
-    grid = grid.subset(fraction >= params.min_tissue)
+    n_grid, grid = len(grid.coords), grid.subset(fraction >= params.min_tissue)
+    if not len(grid.coords):  # a blank or tiny slide: say so, rather than write an empty store
+        patch = f"{params.patch_size}-px patch at {params.target_mpp:g} mpp"
+        raise WsiScaatError(
+            slide,
+            f"no patches: none of the {n_grid} patches has tissue fraction >= {params.min_tissue:g} ({patch})"
+            if n_grid
+            else f"no patches: the slide ({info.width} x {info.height} px) is smaller than one {patch}",
+        )
     attrs = _store_attrs(info, grid, params, slide_id, tissue)
     polygons = read_annotations(annotations, params.annotation_class) if annotations else None
 
