@@ -114,6 +114,19 @@ def get_gpus(wildcards=None):
     return 1 if CFG.train.device == "cuda" else 0
 
 
+def get_train_gpus(wildcards=None):
+    """GPUs a training job asks for: train.gpus when it asks for several (one torchrun process each)."""
+    return CFG.train.gpus if CFG.train.gpus > 1 else get_gpus()
+
+
+def get_train_launcher(wildcards=None):
+    """The command that runs `wsi-scaat train`: under torchrun (DDP) when train.gpus > 1."""
+    if CFG.train.gpus == 1:
+        return WSI
+    torchrun = f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone"
+    return f"{torchrun} --nproc_per_node {CFG.train.gpus} -m wsi_scaat"
+
+
 def get_checkpoint(wildcards):
     """The checkpoint that explains the cohort: the configured one, or the model trained here."""
     if CFG.model_checkpoint is not None:

@@ -1,4 +1,5 @@
-# Training: one patch classifier per method listed in train.methods.
+# Training: one patch classifier per method listed in train.methods; with train.gpus > 1, one
+# torchrun job of that many processes (DistributedDataParallel, train.batch_size the global batch).
 # last.pt is written but not declared, so that Snakemake keeps it and a re-run after a kill
 # resumes from it (--resume continues only when it was made with the same settings).
 
@@ -16,12 +17,12 @@ rule train:
             subcategory="{method}",
         ),
     params:
-        wsi=WSI,
+        wsi=get_train_launcher,
         train=get_train_json,
         config=RESOLVED_CONFIG,
         outdir=get_parent,
     resources:
-        gpu=get_gpus,
+        gpu=get_train_gpus,
     threads: 2
     conda:
         "envs/wsi-scaat.yaml"

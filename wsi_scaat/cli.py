@@ -226,7 +226,7 @@ def train(
     out = out or cfg.results / "models" / method.value
     summary = fit(cfg, method.value, out, resume=resume, log=typer.echo, show_progress=progress)
     best = summary["history"][summary["best_epoch"] - 1] if summary["history"] else None
-    if best:
+    if best and summary.get("rank", 0) == 0:  # under torchrun, rank 0 alone reports
         typer.echo(
             f"{method.value}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
             f"val AUROC {best['val_auroc']:.3f}; checkpoints in {out}"

@@ -92,6 +92,12 @@ class TrainConfig(Section):
     amp: bool = True
     channels_last: bool = True
     deterministic: bool = True
+    gpus: int = Field(
+        1, ge=1, le=64, description="processes (GPUs) per training job; > 1: the workflow runs torchrun (DDP)"
+    )
+    dist_backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="torch.distributed backend under torchrun; auto: nccl on CUDA, gloo otherwise"
+    )
     scaat: ScaatConfig = ScaatConfig()
     advgrad: AdvGradConfig = AdvGradConfig()
     sgt: SgtConfig = SgtConfig()

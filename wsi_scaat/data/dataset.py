@@ -9,13 +9,26 @@ random in epoch ``e`` is a function of ``(seed, e)`` only:
 * the loader's ``generator`` is re-seeded from ``(seed, e)`` when an epoch starts, so the per-worker
   seeds that PyTorch derives from it are too; ``seed_worker`` then seeds ``numpy``/``random`` and
   the dataset's transform in each worker (workers are not persistent: they restart every epoch);
-* with ``num_workers=0`` the dataset's transform is re-seeded from ``(seed, e)`` instead.
+* with ``num_workers=0`` the dataset's transform is re-seeded from ``(seed, e)`` instead;
+* a training loader over a :class:`PatchDataset` goes further: its sampler hands out
+  ``(index, sample_seed)`` items and the transform is re-seeded per item, from ``(seed, e, position
+  in the epoch)``, so each sample's augmentation depends neither on the workers nor on which
+  process loads it.
 
 The epoch counter lives in the sampler and advances by one each time an epoch's iteration starts, so
 a plain ``for epoch ...: for batch in loader`` loop sees epochs 0, 1, 2... A resumed run calls
 ``loader.set_epoch(start_epoch)`` (same as ``loader.sampler.set_epoch``) once before its first epoch,
 or before every epoch, and then sees exactly the batches of an uninterrupted run. Augmented pixels are
-also identical as long as ``num_workers`` is unchanged (batches go round-robin to the workers).
+also identical as long as ``num_workers`` is unchanged (batches go round-robin to the workers), or
+whatever it is with per-item seeds.
+
+Data-parallel training
+----------------------
+``make_loader(..., rank=r, world_size=N)`` keeps ``batch_size`` as the *global* batch: every rank
+draws the same epoch order and a training loader yields rank ``r``'s contiguous ``batch_size / N``
+of each global batch, so the union of the ranks' batches of a step is the single-process batch; an
+evaluation loader gives rank ``r`` a contiguous block of whole batches (concatenated in rank order,
+the ranks' predictions are the single-process ones).
 """
 
 from __future__ import annotations
@@ -36,7 +49,7 @@ from wsi_scaat.manifest import read_manifest
 from wsi_scaat.store import PatchStore, open_store, store_suffix
 
 SPLITS = ("train", "val", "test")
-_ORDER, _WORKERS, _MAIN = 0, 1, 2  # streams derived from one seed
+_ORDER, _WORKERS, _MAIN, _ITEMS = 0, 1, 2, 3  # streams derived from one seed
 
 
 def derive_seed(seed: int, *keys: int) -> int:
@@ -55,7 +68,11 @@ class PatchDataset(Dataset):
     ``label_source="store"`` takes each store's ``labels`` array, ``"slide"`` gives every patch its
     slide's label from ``slide_labels``. ``transform`` maps a (P, P, 3) uint8 patch to another one;
     if it has ``reseed(seed)`` (see ``build_augment``), loaders use it to make augmentation reproducible.
+    An item may also be fetched as ``dataset[(i, seed)]``: the transform is re-seeded from ``seed``
+    first (what a keyed :class:`EpochSampler` yields).
     """
+
+    keyed_items: bool = True  # accepts (index, sample seed) items
 
     def __init__(
         self,
@@ -133,7 +150,11 @@ class PatchDataset(Dataset):
         """Patch ``i`` as stored: (P, P, 3) uint8, no transform."""
         return np.asarray(self._store(int(self.store_index[i])).imgs[int(self.patch_index[i])])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(i, tuple):
+            i, seed = i
+            if self.transform is not None:
+                self.reseed(seed)
         img = self.read(i)
         if self.transform is not None:
             img = self.transform(img)
@@ -187,6 +208,12 @@ class EpochSampler(Sampler[int]):
     ``mode``: ``"sequential"`` (0..n-1), ``"shuffle"`` (a permutation) or ``"balanced"`` (n draws with
     replacement, weights inversely proportional to class frequency, so every class is equally likely).
     ``iter()`` uses the current ``epoch`` and then advances it; ``set_epoch`` sets it (for resume).
+
+    ``keyed``: yield ``(index, sample_seed)`` pairs, the seed drawn per position of the epoch.
+    ``world_size`` > 1 cuts the epoch into global batches of ``batch_size`` and yields rank ``rank``'s
+    share: in the training modes (shuffle, balanced) its contiguous ``batch_size / world_size`` items
+    of every full batch (an incomplete last batch is dropped); in sequential mode (evaluation) a
+    contiguous block of whole batches, the blocks of ranks 0, 1... following each other.
     """
 
     def __init__(
@@ -196,10 +223,24 @@ class EpochSampler(Sampler[int]):
         *,
         seed: int = 0,
         labels: np.ndarray | None = None,
+        keyed: bool = False,
+        batch_size: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if mode not in ("sequential", "shuffle", "balanced"):
             raise ValueError(f"unknown sampler mode {mode!r}")
+        if world_size > 1:
+            if batch_size is None or (batch_size % world_size and mode != "sequential"):
+                raise ValueError(
+                    f"the global batch size ({batch_size}) must be a multiple of the number of processes "
+                    f"({world_size})"
+                )
+            if not 0 <= rank < world_size:
+                raise ValueError(f"rank {rank} out of range for {world_size} processes")
         self.n, self.mode, self.seed, self.epoch = int(n), mode, int(seed), 0
+        self.keyed, self.batch_size = keyed, batch_size
+        self.rank, self.world_size = int(rank), int(world_size)
         self.weights: np.ndarray | None = None
         if mode == "balanced":
             if labels is None or len(labels) != n:
@@ -221,13 +262,34 @@ class EpochSampler(Sampler[int]):
             return rng.permutation(self.n)
         return rng.choice(self.n, size=self.n, replace=True, p=self.weights)
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.order(self.epoch)
+    def sample_seeds(self, epoch: int) -> np.ndarray:
+        """One seed per position of epoch ``epoch`` (what ``keyed`` pairs with the indices)."""
+        rng = np.random.default_rng(derive_seed(self.seed, _ITEMS, epoch))
+        return rng.integers(0, 2**63 - 1, size=self.n, dtype=np.int64)
+
+    def _positions(self) -> np.ndarray:
+        """Positions of the epoch this rank yields."""
+        if self.world_size == 1 or self.batch_size is None:
+            return np.arange(self.n)
+        if self.mode == "sequential":
+            batches = -(-self.n // self.batch_size)
+            lo, hi = (min(self.n, r * batches // self.world_size * self.batch_size)
+                      for r in (self.rank, self.rank + 1))  # fmt: skip
+            return np.arange(lo, hi)
+        local = self.batch_size // self.world_size
+        starts = np.arange(self.n // self.batch_size) * self.batch_size + self.rank * local
+        return (starts[:, None] + np.arange(local)).reshape(-1)
+
+    def __iter__(self) -> Iterator[Any]:
+        order, positions = self.order(self.epoch), self._positions()
+        items: list[Any] = order[positions].tolist()
+        if self.keyed:
+            items = list(zip(items, self.sample_seeds(self.epoch)[positions].tolist(), strict=True))
         self.epoch += 1
-        return iter(order.tolist())
+        return iter(items)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self._positions())
 
 
 def seed_worker(worker_id: int) -> None:
@@ -278,31 +340,49 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     multiprocessing_context: str | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> SeededLoader:
     """A training (shuffled, or class-balanced with ``balance``) or evaluation (sequential) loader.
 
     Training drops the last incomplete batch when there is at least one full batch. ``balance``
     needs ``dataset.labels`` and is ignored for evaluation. Two loaders with the same arguments yield
-    identical batches, epoch by epoch (see the module doc for resuming at a given epoch).
+    identical batches, epoch by epoch (see the module doc for resuming at a given epoch). Training
+    over a dataset with ``keyed_items`` seeds each item's augmentation by its position in the epoch.
+    ``rank`` and ``world_size`` shard every global batch of ``batch_size`` across processes (see the
+    module doc); training then needs ``batch_size`` divisible by ``world_size`` and at least one full
+    batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for {world_size} processes")
     n = len(dataset)  # type: ignore[arg-type]
     if not train:
-        sampler = EpochSampler(n, "sequential", seed=seed)
-    elif balance:
-        labels = getattr(dataset, "labels", None)
-        if labels is None:
-            raise ValueError("balance=True needs a dataset with a .labels array")
-        sampler = EpochSampler(n, "balanced", seed=seed, labels=np.asarray(labels))
+        sampler = EpochSampler(n, "sequential", seed=seed, batch_size=batch_size, rank=rank,
+                               world_size=world_size)  # fmt: skip
     else:
-        sampler = EpochSampler(n, "shuffle", seed=seed)
+        if world_size > 1 and 0 < n < batch_size:
+            raise ValueError(
+                f"{n} training samples are fewer than one global batch ({batch_size}): "
+                f"lower train.batch_size to shard it across {world_size} processes"
+            )
+        shard = {"keyed": bool(getattr(dataset, "keyed_items", False)), "batch_size": batch_size,
+                 "rank": rank, "world_size": world_size}  # fmt: skip
+        if balance:
+            labels = getattr(dataset, "labels", None)
+            if labels is None:
+                raise ValueError("balance=True needs a dataset with a .labels array")
+            sampler = EpochSampler(n, "balanced", seed=seed, labels=np.asarray(labels), **shard)
+        else:
+            sampler = EpochSampler(n, "shuffle", seed=seed, **shard)
+        batch_size //= world_size
     return SeededLoader(
         dataset,
         seed=seed,
         sampler=sampler,
         batch_size=batch_size,
-        drop_last=train and n >= batch_size,
+        drop_last=train and len(sampler) >= batch_size,
         num_workers=num_workers,
         worker_init_fn=seed_worker if num_workers > 0 else None,
         multiprocessing_context=multiprocessing_context if num_workers > 0 else None,

@@ -4,7 +4,9 @@
 schedule, AMP and channels_last on CUDA, a checkpoint after every epoch (``last.pt``, and
 ``best.pt`` when the validation metric improves), ``metrics.csv`` and ``curves.png``. A run
 resumed from ``last.pt`` continues exactly where the interrupted one stopped: every epoch
-reseeds all random streams from ``(seed, epoch)``.
+reseeds all random streams from ``(seed, epoch)``. Under ``torchrun`` each process trains on its
+shard of every global batch (see ``wsi_scaat.training.distributed``); the epoch's records are
+reduced over the processes and rank 0 alone writes them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm import tqdm
 from wsi_scaat import __version__
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.metrics import auroc
+from wsi_scaat.training import distributed
 from wsi_scaat.training.checkpoint import load_checkpoint, save_checkpoint
 from wsi_scaat.training.reporting import write_curves, write_metrics_csv
 
@@ -115,7 +118,10 @@ def train_one_epoch(
     epoch: int,
     show_progress: bool | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch's mean loss, accuracy and method statistics."""
+    """One pass over ``loader``; returns the epoch's mean loss, accuracy and method statistics.
+
+    In a multi-process run the means are over the samples of all processes.
+    """
     model.train()
     n = correct = 0
     total_loss = 0.0
@@ -144,6 +150,8 @@ def train_one_epoch(
         for key, value in out.stats.items():
             stats[key] = stats.get(key, 0.0) + float(value) * b
         bar.set_postfix(loss=f"{total_loss / n:.4f}", acc=f"{correct / n:.3f}", refresh=False)
+    n, total_loss, correct, *sums = distributed.all_sum([n, total_loss, correct, *stats.values()], rt.device)
+    stats = dict(zip(stats, sums, strict=True))
     if n == 0:
         raise TrainingError(None, "the training loader yielded no batch (too few training patches?)")
     return {
@@ -169,8 +177,15 @@ def predict(model: nn.Module, loader: Any, rt: Runtime) -> tuple[np.ndarray, np.
 
 
 def evaluate(model: nn.Module, loader: Any, rt: Runtime) -> dict[str, float]:
-    """Validation loss, accuracy and AUROC (NaN when the split is empty or has one class)."""
+    """Validation loss, accuracy and AUROC (NaN when the split is empty or has one class).
+
+    In a multi-process run each process predicts its block of ``loader``'s batches (pass the
+    unwrapped model) and the metrics are those of all the blocks together, on every process.
+    """
     probs, labels = predict(model, loader, rt)
+    parts = [part for part in distributed.all_gather_objects((probs, labels)) if len(part[1])]
+    if len(parts) > 1:
+        probs, labels = np.concatenate([p for p, _ in parts]), np.concatenate([lab for _, lab in parts])
     if not len(labels):
         return {"val_loss": float("nan"), "val_accuracy": float("nan"), "val_auroc": float("nan")}
     p = torch.from_numpy(probs).clamp_min(1e-12)
@@ -201,7 +216,11 @@ Logger = Callable[[str], None]
 
 
 def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None, log: Logger) -> dict:
-    """Train ``job`` (see ``wsi_scaat.training.trainer.TrainJob``) epoch by epoch, checkpointing each."""
+    """Train ``job`` (see ``wsi_scaat.training.trainer.TrainJob``) epoch by epoch, checkpointing each.
+
+    Every process of a multi-process run calls this; rank 0 alone writes, the others wait for it.
+    """
+    main = job.dist.is_main
     out_dir.mkdir(parents=True, exist_ok=True)
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     tc = job.cfg.train
@@ -209,7 +228,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
     if resume and last.is_file():
         state = load_checkpoint(last, job.rt.device)
         if state.get("train_hash") == job.train_hash and best.is_file():
-            job.model.load_state_dict(state["model"])
+            job.net.load_state_dict(state["model"])
             job.optimizer.load_state_dict(state["optimizer"])
             job.scheduler.load_state_dict(state["scheduler"])
             job.scaler.load_state_dict(state["scaler"])
@@ -229,7 +248,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
             train_one_epoch(job.model, job.train_loader, job.method, job.optimizer, job.scheduler,
                             job.scaler, job.rt, epoch, job.show_progress)
         )  # fmt: skip
-        row.update(evaluate(job.model, job.val_loader, job.rt))
+        row.update(evaluate(job.net, job.val_loader, job.rt))
         row["lr"] = job.optimizer.param_groups[0]["lr"]
         row["seconds"] = time.perf_counter() - t0
         history.append(row)
@@ -237,12 +256,14 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
         improved = score > best_score or best_epoch < 0
         if improved:
             best_score, best_epoch = score, epoch + 1
-        state = job.checkpoint_state(epoch + 1, best_score, best_epoch, history)
-        save_checkpoint(last, state)
-        if improved:
-            save_checkpoint(best, state)
-        write_metrics_csv(out_dir / "metrics.csv", history)
-        write_curves(out_dir / "curves.png", history, title=f"{job.method.name} on {job.cfg.cohort.name}")
+        if main:
+            state = job.checkpoint_state(epoch + 1, best_score, best_epoch, history)
+            save_checkpoint(last, state)
+            if improved:
+                save_checkpoint(best, state)
+            write_metrics_csv(out_dir / "metrics.csv", history)
+            write_curves(out_dir / "curves.png", history, title=f"{job.method.name} on {job.cfg.cohort.name}")
+        distributed.barrier(job.dist, job.rt.device)
         log(
             f"epoch {epoch + 1}/{tc.epochs}  train loss {row['train_loss']:.4f}"
             f" acc {row['train_accuracy']:.3f}"

@@ -11,7 +11,9 @@ from torch import nn
 
 from wsi_scaat import __version__
 from wsi_scaat.config import Config
+from wsi_scaat.training import distributed
 from wsi_scaat.training.checkpoint import config_hash
+from wsi_scaat.training.distributed import DistInfo
 from wsi_scaat.training.loop import (
     Logger,
     Runtime,
@@ -41,12 +43,19 @@ class TrainJob:
     rt: Runtime
     meta: dict[str, Any] = field(default_factory=dict)
     show_progress: bool | None = None
+    dist: DistInfo = DistInfo()
+
+    @property
+    def net(self) -> nn.Module:
+        """The model itself (``model`` may be wrapped in DistributedDataParallel)."""
+        return distributed.unwrap(self.model)
 
     @property
     def train_hash(self) -> str:
-        """What must be unchanged for ``--resume`` to continue a run."""
+        """What must be unchanged for ``--resume`` to continue a run (not the number of processes)."""
+        train = self.cfg.train.model_dump(mode="json", exclude={"gpus", "dist_backend"})
         return config_hash(
-            {"method": self.method_name, "train": self.cfg.train.model_dump(mode="json"),
+            {"method": self.method_name, "train": train,
              "tiling": self.cfg.tiling.model_dump(mode="json"), "manifest": str(self.cfg.cohort.manifest)}
         )  # fmt: skip
 
@@ -64,7 +73,7 @@ class TrainJob:
         """The self-describing checkpoint dict after ``epoch`` epochs."""
         mc = self.cfg.train.model
         return {
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -83,14 +92,25 @@ class TrainJob:
         }
 
 
-def build_job(cfg: Config, method_name: str, show_progress: bool | None = None) -> TrainJob:
-    """Datasets split by slide, model, method and optimiser for ``method_name``."""
+def build_job(
+    cfg: Config, method_name: str, show_progress: bool | None = None, dist: DistInfo | None = None
+) -> TrainJob:
+    """Datasets split by slide, model, method and optimiser for ``method_name``.
+
+    With ``dist`` of several processes (an initialised process group), this rank's shard of every
+    global batch, the model on its device wrapped in DistributedDataParallel (see
+    :mod:`wsi_scaat.training.distributed`).
+    """
     from wsi_scaat.data import PatchDataset, build_augment, cohort_stores, make_loader
     from wsi_scaat.models import build_model
     from wsi_scaat.training.methods import build_method
 
     tc = cfg.train
-    device = resolve_device(tc.device)
+    dist = dist or DistInfo()
+    method = build_method(method_name, tc)
+    if dist.enabled and not method.supports_ddp:
+        raise TrainingError(None, f"method {method_name!r} cannot run under DistributedDataParallel")
+    device = distributed.device_for(dist, resolve_device(tc.device))
     if device.type == "cpu" and tc.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     splits = cohort_stores(cfg.cohort.manifest, cfg.results / "tiles", cfg.tiling.format, ("train", "val"))
@@ -109,14 +129,19 @@ def build_job(cfg: Config, method_name: str, show_progress: bool | None = None) 
     if len(train_ds.labels) and int(train_ds.labels.max()) >= n_classes:
         raise TrainingError(None, f"labels go up to {int(train_ds.labels.max())} but train.class_names "
                                   f"has {n_classes} names")  # fmt: skip
-    train_loader = make_loader(train_ds, tc.batch_size, train=True, balance=tc.balance_classes, seed=tc.seed,
-                               num_workers=tc.num_workers)  # fmt: skip
-    val_loader = make_loader(val_ds, tc.batch_size, train=False, num_workers=tc.num_workers)
+    shard = {"rank": dist.rank, "world_size": dist.world_size, "num_workers": tc.num_workers}
+    try:
+        train_loader = make_loader(train_ds, tc.batch_size, train=True, balance=tc.balance_classes,
+                                   seed=tc.seed, **shard)  # fmt: skip
+        val_loader = make_loader(val_ds, tc.batch_size, train=False, **shard)
+    except ValueError as exc:
+        raise TrainingError(None, f"train.batch_size: {exc}") from None
     seed_everything(tc.seed)
     model = build_model(tc.model, n_classes).to(device)
     rt = make_runtime(device, tc.amp, tc.channels_last)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap_model(model, dist, device)
     optimizer = build_optimizer(model, tc)
     steps = max(1, len(train_loader))
     scheduler = build_scheduler(optimizer, tc.epochs * steps, int(tc.lr_warmup_epochs * steps))
@@ -125,8 +150,8 @@ def build_job(cfg: Config, method_name: str, show_progress: bool | None = None) 
     meta = {"patch_size": int(train_ds.patch_size),
             "patch_mpp": float(with_attrs.get("patch_mpp", cfg.tiling.target_mpp)),
             "n_train": len(train_ds), "n_val": len(val_ds)}  # fmt: skip
-    return TrainJob(cfg, method_name, model, build_method(method_name, tc), train_loader, val_loader,
-                    optimizer, scheduler, scaler, rt, meta, show_progress)  # fmt: skip
+    return TrainJob(cfg, method_name, model, method, train_loader, val_loader, optimizer, scheduler,
+                    scaler, rt, meta, show_progress, dist)  # fmt: skip
 
 
 def fit(
@@ -143,8 +168,27 @@ def fit(
 
     ``stop_after`` ends the run after that many epochs in total (as a time-boxed job would);
     ``resume`` continues from ``out_dir/last.pt`` when it was made with the same settings.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this: it joins the process group
+    (and leaves it at the end), trains its shard of each global batch, and rank 0 alone logs and
+    writes. The summary (the same on every rank) has ``rank``.
     """
-    job = build_job(cfg, method_name, show_progress)
-    log(f"training {method_name} on {job.rt.device} ({job.meta['n_train']} train / {job.meta['n_val']} val "
-        f"patches, {cfg.train.model.name}, {cfg.train.epochs} epochs)")  # fmt: skip
-    return run_epochs(job, Path(out_dir), resume=resume, stop_after=stop_after, log=log)
+    dist = distributed.env_info()
+    if dist.enabled:
+        device = distributed.device_for(dist, resolve_device(cfg.train.device))
+        dist = distributed.init_process_group(dist, device, cfg.train.dist_backend)
+    try:
+        if not dist.is_main:
+            log, show_progress = _silent, False
+        job = build_job(cfg, method_name, show_progress, dist)
+        procs = f", {dist.world_size} processes ({dist.backend or 'DDP'})" if dist.enabled else ""
+        log(f"training {method_name} on {job.rt.device}{procs} ({job.meta['n_train']} train / "
+            f"{job.meta['n_val']} val patches, {cfg.train.model.name}, {cfg.train.epochs} epochs, "
+            f"batch {cfg.train.batch_size})")  # fmt: skip
+        summary = run_epochs(job, Path(out_dir), resume=resume, stop_after=stop_after, log=log)
+        return {**summary, "rank": dist.rank}
+    finally:
+        distributed.shutdown(dist)
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""

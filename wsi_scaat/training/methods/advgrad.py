@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from wsi_scaat.schema import Section
+from wsi_scaat.training.distributed import unwrap
 from wsi_scaat.training.methods.base import Method, StepOutput, frozen_bn_stats, stats_dict
 
 
@@ -132,7 +133,7 @@ class AdvGradMethod(Method):
     cfg: AdvGradConfig
 
     def step(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: float) -> StepOutput:
-        delta = advgrad_delta(model, x, y, self.cfg)
+        delta = advgrad_delta(unwrap(model), x, y, self.cfg)
         x_adv = (x + delta).clamp(0, 1)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)

@@ -6,6 +6,13 @@ backpropagates the returned loss. Forwards that only search for a perturbation (
 perturbed input, attack iterations) run with BatchNorm's batch statistics but leave its running
 statistics alone (:func:`frozen_bn_stats`); forwards whose outputs enter the loss are ordinary
 train-mode forwards.
+
+Under DistributedDataParallel ``model`` is the wrapped model and ``x`` this process's shard of the
+global batch. A step makes exactly one forward through ``model`` (the first whose output enters the
+loss) and every other forward on ``unwrap(model)``, so DDP prepares one gradient reduction, which
+the loop's single ``backward`` runs; input-gradient passes never touch ``.grad`` and so never
+trigger it. Random draws shaped as the batch use ``uniform_like_batch``, which gives every sample
+the noise a single process would draw for it (both in ``wsi_scaat.training.distributed``).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class Method(ABC):
     name: ClassVar[str]
     config_key: ClassVar[str | None] = None  # attribute of the train config holding this method's section
     config_class: ClassVar[type[BaseModel] | None] = None
+    supports_ddp: ClassVar[bool] = True  # False: training refuses to run it under DistributedDataParallel
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

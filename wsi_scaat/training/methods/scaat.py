@@ -24,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from wsi_scaat.schema import Section
+from wsi_scaat.training.distributed import uniform_like_batch, unwrap
 from wsi_scaat.training.methods.base import (
     Method,
     StepOutput,
@@ -113,7 +114,7 @@ def scaat_perturbation(
     """
     x = search_layout(x)
     bound = (eps_map * mask).to(x.dtype)  # 0 outside M: the projection keeps delta at 0 there
-    noise = torch.empty_like(x).uniform_(0, 1, generator=generator)  # keeps x's memory format
+    noise = uniform_like_batch(x, generator)  # keeps x's memory format
     delta = (x + (2 * noise - 1) * bound).clamp(0, 1) - x
     with frozen_bn_stats(model):
         for _ in range(steps):
@@ -144,9 +145,10 @@ class ScaatMethod(Method):
             ce = F.cross_entropy(logits, y)
             return StepOutput(ce, logits.detach(), stats_dict(ce=ce, kl=0.0, mask_ratio=ratio))
         bf16 = fast_bf16(x.device) if cfg.bf16_search == "auto" else cfg.bf16_search
+        net = unwrap(model)  # for every forward but the first of the loss (see methods.base)
         if bf16:  # a cheap bf16 saliency pass, then a plain clean forward
-            with frozen_bn_stats(model), search_autocast(x, True):
-                _, grad = forward_with_saliency(model, search_layout(x), y, keep_graph=False)
+            with frozen_bn_stats(net), search_autocast(x, True):
+                _, grad = forward_with_saliency(net, search_layout(x), y, keep_graph=False)
             logits = model(x)
         else:  # one clean forward gives the saliency, the CE term and the KL target
             logits, grad = forward_with_saliency(model, x, y)
@@ -154,7 +156,7 @@ class ScaatMethod(Method):
         target = F.softmax(logits.detach().float(), dim=1)
         mask, eps_map = scaat_mask_and_budget(grad.abs().sum(1), ratio, cfg.eps, cfg.gamma)
         alpha = cfg.eps if cfg.alpha is None else cfg.alpha
-        delta = scaat_perturbation(model, x, target, mask, eps_map, cfg.steps, alpha, bf16=bf16)
-        kl = kl_to_target(model(x + delta), target)
+        delta = scaat_perturbation(net, x, target, mask, eps_map, cfg.steps, alpha, bf16=bf16)
+        kl = kl_to_target(net(x + delta), target)
         loss = ce + cfg.lam * kl
         return StepOutput(loss, logits.detach(), stats_dict(ce=ce, kl=kl, mask_ratio=ratio))

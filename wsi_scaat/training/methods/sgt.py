@@ -16,6 +16,7 @@ from pydantic import Field
 from torch import nn
 
 from wsi_scaat.schema import Section
+from wsi_scaat.training.distributed import uniform_like_batch, unwrap
 from wsi_scaat.training.methods.base import (
     Method,
     StepOutput,
@@ -47,7 +48,7 @@ def sgt_mask_input(
     k = num_selected(mask_fraction, x[0].numel())
     replace = lowest_k_mask(saliency.detach().abs().reshape(b, -1), k).reshape(x.shape)
     replace = torch.empty_like(x, dtype=torch.bool).copy_(replace)  # in x's memory format, as the output
-    noise = torch.empty_like(x).uniform_(0, 1, generator=generator)  # keeps x's memory format
+    noise = uniform_like_batch(x, generator)  # keeps x's memory format
     return torch.where(replace, noise, x)
 
 
@@ -68,6 +69,6 @@ class SgtMethod(Method):
         logits, grad = forward_with_saliency(model, x, y)
         ce = F.cross_entropy(logits, y)
         target = F.softmax(logits.detach().float(), dim=1)
-        kl = kl_to_target(model(sgt_mask_input(x, grad, cfg.mask_fraction)), target)
+        kl = kl_to_target(unwrap(model)(sgt_mask_input(x, grad, cfg.mask_fraction)), target)
         loss = ce + cfg.lam * kl
         return StepOutput(loss, logits.detach(), stats_dict(ce=ce, kl=kl))
