@@ -14,6 +14,7 @@ include: "pipelines/train.smk"
 include: "pipelines/saliency.smk"
 include: "pipelines/stitch.smk"
 include: "pipelines/export.smk"
+include: "pipelines/evaluate.smk"
 
 
 rule all:

@@ -23,14 +23,16 @@ RESULTS = str(CFG.results)
 # when its content changes; the rules' params decide what re-runs.
 RESOLVED_CONFIG = str(ensure_config_file(CFG, f"{RESULTS}/config.yaml"))
 STORE_EXT = CFG.tiling.format
+# Models trained here: the methods of train.methods and the named runs of train.runs.
+TRAINED = [] if CFG.model_checkpoint is not None else CFG.models
 # The package's CLI, run by the Python that runs Snakemake (no reliance on PATH).
 WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
 
 
 wildcard_constraints:
     slide="|".join(re.escape(s) for s in SLIDES) or "(?!)",
-    method="erm|scaat|advgrad|sgt",
-    model="erm|scaat|advgrad|sgt|pretrained",
+    method="|".join(re.escape(m) for m in TRAINED) or "(?!)",
+    model="|".join(re.escape(m) for m in CFG.models),
 
 
 def store_output(path):
@@ -96,8 +98,8 @@ def get_config_json(wildcards=None, section=None):
 
 
 def get_train_json(wildcards):
-    """The train section as JSON (a param of the train rule)."""
-    return get_config_json(section="train")
+    """The train settings of one model (a method or a train.runs entry) as JSON: a param of the train rule."""
+    return json.dumps(CFG.training_run(wildcards.method)[1].train.model_dump(mode="json"), sort_keys=True)
 
 
 def get_train_stores(wildcards):
@@ -164,6 +166,30 @@ def get_export_args(wildcards):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+EVAL_SLIDES = sorted(sid for sid, entry in SLIDES.items() if entry.split in CFG.evaluate.splits)
+
+
+def get_eval_stores(wildcards):
+    """Patch stores of the held-out slides (evaluate.splits)."""
+    return [f"{RESULTS}/tiles/{sid}.{STORE_EXT}" for sid in EVAL_SLIDES]
+
+
+def get_eval_saliency(wildcards):
+    """Saliency stores of one model on the held-out slides."""
+    return [f"{RESULTS}/saliency/{wildcards['model']}/{sid}.saliency.zarr" for sid in EVAL_SLIDES]
+
+
+def get_eval_heatmaps(wildcards):
+    """Heatmap pyramids of one model on the held-out slides."""
+    return [f"{RESULTS}/heatmaps/{wildcards['model']}/{sid}.heatmap.zarr" for sid in EVAL_SLIDES]
+
+
+def get_evaluate_json(wildcards):
+    """Settings an evaluation depends on (a param: a change re-runs it)."""
+    data = CFG.model_dump(mode="json")
+    return json.dumps({k: data[k] for k in ("evaluate", "saliency", "stitch")}, sort_keys=True)
+
+
 EXPORTS = {
     "tiles": "tiles.geojson",
     "regions": "regions.geojson",
@@ -180,7 +206,10 @@ def get_final_outputs():
     """Every final output of the workflow: stores, models (unless given), exports per model and slide."""
     outputs = expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=sorted(SLIDES))
     if CFG.model_checkpoint is None:
-        outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=CFG.train.methods)
+        outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=TRAINED)
+    explained = sorted(s for s, e in SLIDES.items() if CFG.saliency.splits is None or e.split in CFG.saliency.splits)
     outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.{{kind}}", model=CFG.models,
-                      slide=sorted(SLIDES), kind=["tiles.geojson", "regions.geojson", "overlay.png"])
+                      slide=explained, kind=["tiles.geojson", "regions.geojson", "overlay.png"])
+    if EVAL_SLIDES:
+        outputs.append(f"{RESULTS}/evaluation/metrics.csv")
     return outputs

@@ -193,18 +193,13 @@ def tile(
         typer.echo(f"{store}: {len(s)} patches of {patch_size} px at {s.attrs['patch_mpp']:.3f} mpp")
 
 
-class MethodName(str, Enum):
-    erm = "erm"
-    scaat = "scaat"
-    advgrad = "advgrad"
-    sgt = "sgt"
-
-
 @app.command()
 @one_line_errors
 def train(
     config: Annotated[list[Path], typer.Option(help="Config file(s), later ones overriding earlier ones.")],
-    method: Annotated[MethodName, typer.Option(help="Training method.")],
+    method: Annotated[
+        str, typer.Option(help="Method (erm, scaat, advgrad, sgt) or the name of a train.runs entry.")
+    ],
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: <results>/<cohort>/models/<method>).")
     ] = None,
@@ -223,12 +218,14 @@ def train(
     changes = {k: v for k, v in {"epochs": epochs, "device": device}.items() if v is not None}
     if changes:
         cfg = override(cfg, {"train": changes})
-    out = out or cfg.results / "models" / method.value
-    summary = fit(cfg, method.value, out, resume=resume, log=typer.echo, show_progress=progress)
+    name = method
+    method, cfg = cfg.training_run(name)
+    out = out or cfg.results / "models" / name
+    summary = fit(cfg, method, out, resume=resume, log=typer.echo, show_progress=progress)
     best = summary["history"][summary["best_epoch"] - 1] if summary["history"] else None
     if best and summary.get("rank", 0) == 0:  # under torchrun, rank 0 alone reports
         typer.echo(
-            f"{method.value}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
+            f"{name}: best epoch {best['epoch']}, val accuracy {best['val_accuracy']:.3f}, "
             f"val AUROC {best['val_auroc']:.3f}; checkpoints in {out}"
         )
 
@@ -354,6 +351,43 @@ def export(
         typer.echo(f"{kind}: {path}")
 
 
+@app.command()
+@one_line_errors
+def evaluate(
+    config: Annotated[list[Path], typer.Option(help="The workflow's config file(s).")],
+    model: Annotated[
+        list[str] | None, typer.Option(help="Model(s) to evaluate (default: every model of the config).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <results>/<cohort>/evaluation).")
+    ] = None,
+    report: Annotated[
+        bool, typer.Option(help="Write metrics.csv, metrics.md and the figures of all the config's models.")
+    ] = True,
+    skip_models: Annotated[
+        bool, typer.Option("--report-only", help="Only assemble the report from evaluations already made.")
+    ] = False,
+) -> None:
+    """Evaluate trained models on the held-out slides: accuracy, AUROC, complexity, faithfulness and
+    localisation of their saliency maps; writes models/<model>.json, metrics.csv, metrics.md, figures."""
+    from wsi_scaat.config import load_config
+    from wsi_scaat.evaluation import evaluate_model
+    from wsi_scaat.evaluation.report import write_report
+
+    cfg = load_config(*config)
+    out = out or cfg.results / "evaluation"
+    if not skip_models:
+        for name in model or cfg.models:
+            if name not in cfg.models:
+                raise ValueError(f"unknown model {name!r}; the config has {', '.join(cfg.models)}")
+            s = evaluate_model(cfg, name, out, log=typer.echo)
+            auc = "n/a" if s["heatmap_auroc"] is None else f"{s['heatmap_auroc']:.3f}"
+            typer.echo(f"{name}: accuracy {s['accuracy']:.3f}, Gini {s['gini']:.3f}, heatmap AUROC {auc}")
+    if report and (skip_models or not model):
+        for kind, path in write_report(cfg, out, cfg.models).items():
+            typer.echo(f"{kind}: {path}")
+
+
 @app.command("resolve-config")
 @one_line_errors
 def resolve_config(
@@ -440,9 +474,13 @@ def outputs(
             state = load_checkpoint(path)
             row, total = state["history"][state["epoch"] - 1], state["config"]["train"]["epochs"]
             typer.echo(
-                f"  {state['method']:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
+                f"  {path.parent.name:8s} val accuracy {row['val_accuracy']:.3f}  val AUROC "
                 f"{row['val_auroc']:.3f}  (epoch {state['epoch']} of {total})  {path}"
             )
+    table = root / "evaluation" / "metrics.md"
+    if table.is_file():
+        typer.echo(f"evaluation on the held-out slides ({table}):")
+        typer.echo(table.read_text(encoding="utf-8").split("\n\n")[0])
 
 
 @app.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from wsi_scaat.data.augment import AugmentConfig
 from wsi_scaat.errors import ConfigError
@@ -69,6 +69,7 @@ class TilingConfig(Section):
 
 
 Method = Literal["erm", "scaat", "advgrad", "sgt"]
+METHOD_NAMES = ("erm", "scaat", "advgrad", "sgt")
 
 
 class TrainConfig(Section):
@@ -102,12 +103,45 @@ class TrainConfig(Section):
     advgrad: AdvGradConfig = AdvGradConfig()
     sgt: SgtConfig = SgtConfig()
 
+    runs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="named extra runs: {name: {method: M, <train keys to override>}}, e.g. a strength sweep",
+    )
+
     @field_validator("methods")
     @classmethod
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("each method at most once")
         return v
+
+    @model_validator(mode="after")
+    def _valid_runs(self) -> TrainConfig:
+        for name, spec in self.runs.items():
+            self.run_settings(name, spec)
+        return self
+
+    def run_settings(self, name: str, spec: dict[str, Any] | None = None) -> tuple[str, TrainConfig]:
+        """The method and the train settings of the run ``name`` (a method name, or a key of ``runs``)."""
+        if spec is None and name in METHOD_NAMES:
+            return name, self
+        spec = self.runs.get(name) if spec is None else spec
+        if spec is None:
+            raise ValueError(f"{name!r} is neither a method ({', '.join(METHOD_NAMES)}) nor a train.runs key")
+        if not NAME_RE.match(name) or name in METHOD_NAMES or name == "pretrained":
+            raise ValueError(f"run name {name!r}: letters, digits, '.', '_', '-' only, and not a method name")
+        changes = dict(spec)
+        method = changes.pop("method", None)
+        if method not in METHOD_NAMES:
+            raise ValueError(f"run {name!r}: 'method' must be one of {', '.join(METHOD_NAMES)}")
+        if "runs" in changes or "methods" in changes:
+            raise ValueError(f"run {name!r}: 'runs' and 'methods' cannot be overridden")
+        base = self.model_dump(mode="json", exclude={"runs"})
+        try:
+            settings = TrainConfig.model_validate(deep_merge(base, changes))
+        except ValidationError as err:
+            raise ValueError(f"run {name!r}: {_format_errors(err)}") from None
+        return method, settings
 
 
 Attribution = Literal[
@@ -123,6 +157,9 @@ class SaliencyConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     options: dict[str, float | int | str] = Field(
         default_factory=dict, description="method keyword arguments"
+    )
+    splits: list[str] | None = Field(
+        None, description="manifest splits explained, stitched and exported (null: every slide)"
     )
 
 
@@ -166,6 +203,31 @@ class ExportConfig(Section):
         return v
 
 
+class EvaluateConfig(Section):
+    splits: list[str] = Field(["test"], min_length=1, description="manifest splits evaluated (held out)")
+    max_patches: int = Field(
+        512, ge=8, le=1_000_000, description="patches per model for faithfulness and reconstruction"
+    )
+    batch_size: int = Field(128, ge=1, le=65536)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    deletion_steps: int = Field(16, ge=2, le=1024, description="steps of the deletion / insertion curves")
+    road_percentages: list[float] = Field(
+        [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="fractions of pixels ROAD removes"
+    )
+    reconstruction_keep: float = Field(
+        0.2, gt=0, lt=1, description="fraction of most salient pixels the reconstruction check keeps"
+    )
+    figure_patches: int = Field(6, ge=1, le=64, description="rows of the figure grid")
+    seed: int = 0
+
+    @field_validator("road_percentages")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in v) or sorted(set(v)) != v:
+            raise ValueError("increasing fractions strictly between 0 and 1")
+        return v
+
+
 class Config(Section):
     """The whole workflow configuration."""
 
@@ -181,11 +243,24 @@ class Config(Section):
     saliency: SaliencyConfig = SaliencyConfig()
     stitch: StitchConfig = StitchConfig()
     export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @property
     def models(self) -> list[str]:
         """Names of the models the workflow explains: the trained methods, or 'pretrained'."""
-        return ["pretrained"] if self.model_checkpoint is not None else list(self.train.methods)
+        if self.model_checkpoint is not None:
+            return ["pretrained"]
+        return list(self.train.methods) + list(self.train.runs)
+
+    def training_run(self, name: str) -> tuple[str, Config]:
+        """The method of the model ``name`` and the config that trains it (runs override train)."""
+        try:
+            method, settings = self.train.run_settings(name)
+        except ValueError as exc:
+            raise ConfigError("train", str(exc)) from None
+        if settings is self.train:
+            return method, self
+        return method, self.model_copy(update={"train": settings})
 
     @property
     def results(self) -> Path:

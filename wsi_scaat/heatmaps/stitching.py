@@ -108,6 +108,12 @@ def _tissue_pixels(t: Tissue, hd: float, box: tuple[int, int, int, int]) -> np.n
     return t.sub[np.ix_(mr, mc)] != 0
 
 
+def tissue_pixels(mask: np.ndarray, td: float, hd: float, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Bool tissue mask of heatmap pixels ``box = (r0, r1, c0, c1)`` (pixel side ``hd``) from a tissue
+    mask of downsample ``td``: the mask pixel holding each heatmap pixel's centre, as stitching uses."""
+    return _tissue_pixels(_tissue_for(mask, td, hd, box), hd, box)
+
+
 def sample_indices(n: int, map_size: int, budget: int = PERCENTILE_SAMPLE_VALUES) -> np.ndarray:
     """The patches whose values feed the percentiles: every k-th from k // 2 (all when they fit)."""
     k = max(1, math.ceil(n * map_size * map_size / max(1, budget)))
