@@ -1,7 +1,8 @@
 # Training: one patch classifier per method listed in train.methods; with train.gpus > 1, one
 # torchrun job of that many processes (DistributedDataParallel, train.batch_size the global batch).
-# last.pt is written but not declared, so that Snakemake keeps it and a re-run after a kill
-# resumes from it (--resume continues only when it was made with the same settings).
+# last.pt and best-epoch<k>.pt are written but not declared, so that Snakemake keeps them and a
+# re-run after a kill (--rerun-incomplete) resumes from last.pt and restores the best.pt it deleted
+# (see "Resuming after a crash" in docs/contracts.md).
 
 
 rule train:

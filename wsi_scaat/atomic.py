@@ -1,18 +1,22 @@
 """Atomic outputs: write under a temporary name next to the target, rename when complete.
 
 A killed run leaves at most a hidden ``.<name>.tmp-<pid>`` behind, never a half-written file
-under the final name.
+under the final name; the next write of that output deletes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+_TEMP_SUFFIX = re.compile(r"\.(?:tmp|old)-(\d+)$")
 
 
 def temp_path_for(final: Path) -> Path:
@@ -26,6 +30,34 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stale_temps(final: Path) -> list[Path]:
+    """Hidden temporaries of ``final`` whose processes no longer run (a killed run's).
+
+    ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``, and temporaries of those (an atomic output
+    written through another one, e.g. ``..<name>.tmp-<pid>.tmp-<pid>``).
+    """
+    final = Path(final)
+    stale = []
+    for path in final.parent.glob(f".*{glob.escape(final.name)}.*-*"):
+        name, pids = path.name, []
+        while name != final.name and (match := _TEMP_SUFFIX.search(name)) and name.startswith("."):
+            pids.append(int(match.group(1)))
+            name = name[1 : match.start()]
+        if name == final.name and pids and not any(_alive(pid) for pid in pids):
+            stale.append(path)
+    return stale
 
 
 def commit(tmp: Path, final: Path) -> None:
@@ -47,13 +79,23 @@ def atomic_output(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(final)
-    _remove(tmp)
+    for path in [tmp, *stale_temps(final)]:  # this process's, and those of killed runs
+        _remove(path)
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
     commit(tmp, final)
+
+
+def link_or_copy(src: str | Path, final: str | Path) -> None:
+    """Atomically make ``final`` a copy of the file ``src``: a hard link where the filesystem allows."""
+    with atomic_output(final) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
 
 
 def write_text(final: str | Path, text: str) -> None:

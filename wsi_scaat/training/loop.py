@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wsi_scaat import __version__
+from wsi_scaat.atomic import link_or_copy
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.metrics import auroc
 from wsi_scaat.training import distributed
@@ -215,6 +216,35 @@ def _score(row: dict[str, float], select_by: str) -> tuple[float, float]:
 Logger = Callable[[str], None]
 
 
+def _kept_best(out_dir: Path, epoch: int) -> Path:
+    """Undeclared copy of ``best.pt`` made at ``epoch``, kept while ``last.pt`` names that best epoch.
+
+    Snakemake deletes a job's declared outputs (``best.pt``) before re-running it; a resumed run
+    restores ``best.pt`` from this copy.
+    """
+    return out_dir / f"best-epoch{epoch}.pt"
+
+
+def _resume_refusal(state: dict, job: Any, out_dir: Path) -> str | None:
+    """Why ``out_dir/last.pt`` (``state``) cannot be continued; None when it can (``best.pt`` then exists)."""
+    last, best = out_dir / "last.pt", out_dir / "best.pt"
+    if state.get("train_hash") != job.train_hash:
+        return "was made with other settings"
+    stores = [Path(p) for loader in (job.train_loader, job.val_loader)
+              for p in getattr(getattr(loader, "dataset", None), "paths", ())]  # fmt: skip
+    if any(p.stat().st_mtime_ns > last.stat().st_mtime_ns for p in stores):
+        return "predates the patch stores"
+    records = (best, out_dir / "metrics.csv", out_dir / "curves.png")
+    if int(state["epoch"]) >= job.cfg.train.epochs and not all(p.is_file() for p in records):
+        return "ends a finished run whose outputs were removed (a forced re-run)"
+    kept = _kept_best(out_dir, int(state["best_epoch"]))
+    if not best.is_file():
+        if not kept.is_file():
+            return "has no best.pt to go with it"
+        link_or_copy(kept, best)
+    return None
+
+
 def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None, log: Logger) -> dict:
     """Train ``job`` (see ``wsi_scaat.training.trainer.TrainJob``) epoch by epoch, checkpointing each.
 
@@ -227,7 +257,8 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
     start, best_score, best_epoch, history = 0, (-math.inf, -math.inf), -1, []
     if resume and last.is_file():
         state = load_checkpoint(last, job.rt.device)
-        if state.get("train_hash") == job.train_hash and best.is_file():
+        refusal = _resume_refusal(state, job, out_dir)
+        if refusal is None:
             job.net.load_state_dict(state["model"])
             job.optimizer.load_state_dict(state["optimizer"])
             job.scheduler.load_state_dict(state["scheduler"])
@@ -236,7 +267,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
             best_score, best_epoch = tuple(state["best_metric"]), int(state["best_epoch"])
             log(f"resuming from {last} after epoch {start}")
         else:
-            log(f"{last} was made with other settings: starting afresh")
+            log(f"{last} {refusal}: starting afresh")
     for epoch in range(start, tc.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
@@ -258,11 +289,15 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
             best_score, best_epoch = score, epoch + 1
         if main:
             state = job.checkpoint_state(epoch + 1, best_score, best_epoch, history)
-            save_checkpoint(last, state)
             if improved:
                 save_checkpoint(best, state)
+                link_or_copy(best, _kept_best(out_dir, best_epoch))
             write_metrics_csv(out_dir / "metrics.csv", history)
             write_curves(out_dir / "curves.png", history, title=f"{job.method.name} on {job.cfg.cohort.name}")
+            save_checkpoint(last, state)  # last: the epoch is complete once last.pt says so
+            for old in out_dir.glob("best-epoch*.pt"):
+                if old != _kept_best(out_dir, best_epoch):
+                    old.unlink(missing_ok=True)
         distributed.barrier(job.dist, job.rt.device)
         log(
             f"epoch {epoch + 1}/{tc.epochs}  train loss {row['train_loss']:.4f}"
