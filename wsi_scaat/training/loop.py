@@ -225,8 +225,9 @@ def _kept_best(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"best-epoch{epoch}.pt"
 
 
-def _resume_refusal(state: dict, job: Any, out_dir: Path) -> str | None:
-    """Why ``out_dir/last.pt`` (``state``) cannot be continued; None when it can (``best.pt`` then exists)."""
+def _resume_refusal(state: dict, job: Any, out_dir: Path, restore: bool = True) -> str | None:
+    """Why ``out_dir/last.pt`` (``state``) cannot be continued; None when it can (``best.pt`` then exists,
+    restored from its kept copy when ``restore``: rank 0 alone writes)."""
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     if state.get("train_hash") != job.train_hash:
         return "was made with other settings"
@@ -241,7 +242,8 @@ def _resume_refusal(state: dict, job: Any, out_dir: Path) -> str | None:
     if not best.is_file():
         if not kept.is_file():
             return "has no best.pt to go with it"
-        link_or_copy(kept, best)
+        if restore:
+            link_or_copy(kept, best)
     return None
 
 
@@ -257,7 +259,7 @@ def run_epochs(job: Any, out_dir: Path, *, resume: bool, stop_after: int | None,
     start, best_score, best_epoch, history = 0, (-math.inf, -math.inf), -1, []
     if resume and last.is_file():
         state = load_checkpoint(last, job.rt.device)
-        refusal = _resume_refusal(state, job, out_dir)
+        refusal = _resume_refusal(state, job, out_dir, restore=main)
         if refusal is None:
             job.net.load_state_dict(state["model"])
             job.optimizer.load_state_dict(state["optimizer"])
