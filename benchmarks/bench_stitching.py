@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -115,8 +116,57 @@ def run_child(kind: str, store: Path, out: Path, chunk: int) -> dict[str, float]
     cmd = [sys.executable, __file__, "--child", kind, str(store), str(out), str(chunk)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
-        sys.exit(f"{kind} failed:\n{res.stderr}")
+        raise RuntimeError(f"{kind} failed:\n{res.stderr}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def measure(size: int, dense_size: int, chunk: int = 1024, tissue: float = 0.6, keep: bool = False) -> dict:
+    """``stitch`` on the ``size`` slide; ``stitch`` and ``stitch_dense`` on the ``dense_size`` slide.
+
+    Each is a dict of seconds, peak_rss_mb and base_rss_mb (after imports), measured in a subprocess.
+    """
+    out: dict[str, Any] = {}
+    for key, kind, side in [
+        ("big", "stitch", size),
+        ("stitch", "stitch", dense_size),
+        ("dense", "dense", dense_size),
+    ]:
+        heatmap = CACHE / f"bench_stitch_{side}.heatmap.zarr"
+        out[key] = run_child(kind, bench_store(side, tissue), heatmap, chunk)
+        if not keep:
+            shutil.rmtree(heatmap, ignore_errors=True)
+    return out
+
+
+def heatmap_mp(size: int) -> float:
+    """Megapixels of the level-0 heatmap of a ``size`` px square slide."""
+    return math.ceil(size / (PATCH / MAP)) ** 2 / 1e6
+
+
+def run(quick: bool = False, size: int | None = None, dense_size: int | None = None, chunk: int = 1024,
+        tissue: float = 0.6) -> list[dict[str, Any]]:  # fmt: skip
+    """Rows for the combined table: stitch vs a dense canvas; speed and peak RSS on the large slide."""
+    size = size or (20_000 if quick else 100_000)
+    dense_size = dense_size or (6000 if quick else 20_000)
+    m = measure(size, dense_size, chunk, tissue)
+    big, st, dense = m["big"], m["stitch"], m["dense"]
+    small = f"{dense_size:,}^2 px slide"
+    speed, dense_speed = heatmap_mp(dense_size) / st["seconds"], heatmap_mp(dense_size) / dense["seconds"]
+    canvas_mb = heatmap_mp(size) * 1e6 * 16 / 2**20  # float64 numerator and denominator
+    rss_ratio = big["peak_rss_mb"] / st["peak_rss_mb"]
+    row = {"benchmark": "stitching", "unit": "heatmap MP/s"}
+    return [
+        row | {"measured": f"stitch (dask, zarr pyramid written), {small}", "figure": speed,
+               "reference": f"{dense_speed:,.1f} heatmap MP/s stitch_dense (numpy canvas, nothing written)",
+               "ratio": speed / dense_speed, "goal": ">= 0.5x", "goal_met": speed >= 0.5 * dense_speed},
+        row | {"measured": f"stitch, {size:,}^2 px slide ({big['seconds']:,.0f} s)",
+               "figure": heatmap_mp(size) / big["seconds"], "reference": "-", "ratio": "-", "goal": "-"},
+        row | {"measured": f"stitch peak RSS, {size:,}^2 px slide", "figure": big["peak_rss_mb"],
+               "unit": "MB",
+               "reference": f"{st['peak_rss_mb']:,.0f} MB on the {small} ({(size / dense_size) ** 2:.0f}x "
+               f"fewer px); a dense canvas: {canvas_mb:,.0f} MB", "ratio": rss_ratio,
+               "goal": "bounded: <= 2x", "goal_met": rss_ratio <= 2},
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -136,27 +186,15 @@ def main() -> None:
     print(machine())
     print(f"patches {PATCH} px at {MPP} mpp, maps {MAP} px (heatmap = slide / {PATCH // MAP}), "
           f"chunk {args.chunk}, tissue {args.tissue:.0%} of the grid\n", flush=True)  # fmt: skip
-    rows = []
-    for size in [args.size]:
-        store = bench_store(size, args.tissue)
-        out = CACHE / f"bench_stitch_{size}.heatmap.zarr"
-        r = run_child("stitch", store, out, args.chunk)
-        hm = math.ceil(size / (PATCH / MAP)) ** 2
-        rows.append({"slide px": f"{size:,}^2", "heatmap px": f"{math.isqrt(hm):,}^2",
-                     "stitch s": r["seconds"], "heatmap MP/s": hm / 1e6 / r["seconds"],
-                     "level-0 MP/s": size * size / 1e6 / r["seconds"], "peak RSS MB": r["peak_rss_mb"],
-                     "RSS over imports MB": r["peak_rss_mb"] - r["base_rss_mb"]})  # fmt: skip
-        if not args.keep:
-            shutil.rmtree(out, ignore_errors=True)
+    m = measure(args.size, args.dense_size, args.chunk, args.tissue, args.keep)
+    r, hm = m["big"], heatmap_mp(args.size)
+    rows = [{"slide px": f"{args.size:,}^2", "heatmap px": f"{math.isqrt(round(hm * 1e6)):,}^2",
+             "stitch s": r["seconds"], "heatmap MP/s": hm / r["seconds"],
+             "level-0 MP/s": args.size**2 / 1e6 / r["seconds"], "peak RSS MB": r["peak_rss_mb"],
+             "RSS over imports MB": r["peak_rss_mb"] - r["base_rss_mb"]}]  # fmt: skip
     print("## Out-of-core stitch (subprocess: level 0 + pyramid written to zarr)\n")
     print(table(rows, list(rows[0])) + "\n", flush=True)
-
-    store = bench_store(args.dense_size, args.tissue)
-    out = CACHE / f"bench_stitch_{args.dense_size}.heatmap.zarr"
-    s = run_child("stitch", store, out, args.chunk)
-    d = run_child("dense", store, out, args.chunk)
-    if not args.keep:
-        shutil.rmtree(out, ignore_errors=True)
+    s, d = m["stitch"], m["dense"]
     rows = [
         {"method": "stitch (dask, zarr pyramid)", "seconds": s["seconds"], "peak RSS MB": s["peak_rss_mb"]},
         {"method": "stitch_dense (numpy canvas)", "seconds": d["seconds"], "peak RSS MB": d["peak_rss_mb"]},

@@ -96,6 +96,66 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, method: Method, x: 
     opt.step()
 
 
+def measure(model_name: str = "small_cnn", batch: int = 64, size: int = 48, device: str = "cpu",
+            rounds: int = 5, steps: int = 10, warmup: int = 3, only: list[str] | None = None,
+            channels_last: bool = False) -> tuple[dict[str, list[float]], str]:  # fmt: skip
+    """Per-round mean step seconds of each method (label -> list, ERM first) and the model's source."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model, source = make_model(model_name)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
+    runs = [(k, m) for k, m in methods(device) if k == "erm" or not only or k.startswith(tuple(only))]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    times: dict[str, list[float]] = {k: [] for k, _ in runs}
+    for _label, method in runs:
+        for _ in range(warmup):
+            train_step(model, opt, method, x, y)
+    for _ in range(rounds):
+        for label, method in runs:
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, opt, method, x, y)
+            sync()
+            times[label].append((time.perf_counter() - t0) / steps)
+    return times, source
+
+
+def summary(times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """ms/step and ratios to ERM (of means, and of per-round medians) of each method."""
+    erm, erm_median = statistics.mean(times["erm"]), statistics.median(times["erm"])
+    return [
+        {"method": label, "ms/step": 1000 * statistics.mean(t), "x erm": statistics.mean(t) / erm,
+         "x erm (medians)": statistics.median(t) / erm_median}
+        for label, t in times.items()
+    ]  # fmt: skip
+
+
+def run(quick: bool = False, **kw: Any) -> list[dict[str, Any]]:
+    """Rows for the combined table: each method's ms/step against ERM's (goal: SCAAT <= 3x)."""
+    opts: dict[str, Any] = {"rounds": 5, "steps": 4, "warmup": 2} | kw  # ~1 min on 2 idle cores
+    if quick:  # ERM and one configuration of each method, few steps
+        only = ["scaat (steps=1, default", "advgrad l1 fast", "sgt"]
+        opts = {"rounds": 2, "steps": 1, "warmup": 1, "only": only} | kw
+    times, _ = measure(**opts)
+    rows = summary(times)
+    erm = rows[0]["ms/step"]
+    what = f"{opts.get('model_name', 'small_cnn')}, batch {opts.get('batch', 64)}, {opts.get('size', 48)} px"
+    out = []
+    for r in rows:
+        row = {"benchmark": "training", "measured": f"step: {r['method']} ({what})", "figure": r["ms/step"]}
+        row |= {"unit": "ms/step", "reference": f"{erm:,.1f} ms/step erm", "ratio": r["x erm"], "goal": "-"}
+        if r["method"].startswith("scaat") and "default" in r["method"]:  # the configuration SCAAT runs with
+            row |= {"goal": "<= 3x", "goal_met": r["x erm"] <= 3}
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["small_cnn", "resnet18"], default="small_cnn")
@@ -105,53 +165,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="rounds of turns (each method once per round)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per method per round")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
-    ap.add_argument("--only", nargs="*", help="time only these labels (plus erm)")
+    ap.add_argument("--only", nargs="*", help="time only the labels starting with these (plus erm)")
     ap.add_argument(
         "--channels-last", action="store_true", help="model and batch in channels_last memory format"
     )
     args = ap.parse_args()
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model, source = make_model(args.model)
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, NUM_CLASSES, (args.batch,), device=device)
-    runs = [(k, m) for k, m in methods(args.device) if k == "erm" or not args.only or k in args.only]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    times: dict[str, list[float]] = {k: [] for k, _ in runs}
-    for _label, method in runs:
-        for _ in range(args.warmup):
-            train_step(model, opt, method, x, y)
-    for _ in range(args.rounds):
-        for label, method in runs:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, opt, method, x, y)
-            sync()
-            times[label].append((time.perf_counter() - t0) / args.steps)
-
+    times, source = measure(args.model, args.batch, args.size, args.device, args.rounds, args.steps,
+                            args.warmup, args.only, args.channels_last)  # fmt: skip
     print(f"machine: {machine()}")
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"model: {args.model} ({source}), batch {args.batch}, {args.size} px, {layout}, device {device}")
+    print(
+        f"model: {args.model} ({source}), batch {args.batch}, {args.size} px, {layout}, device {args.device}"
+    )
     print(f"{args.rounds} rounds x {args.steps} timed steps per method, after {args.warmup} warm-up steps")
-    erm, erm_median = statistics.mean(times["erm"]), statistics.median(times["erm"])
-    rows = []
-    for label, _ in runs:
-        mean, median = statistics.mean(times[label]), statistics.median(times[label])
-        rows.append(
-            {
-                "method": label,
-                "ms/step": 1000 * mean,
-                "x erm": mean / erm,
-                "x erm (medians)": median / erm_median,
-            }
-        )
-    print(table(rows, ["method", "ms/step", "x erm", "x erm (medians)"]))
+    print(table(summary(times), ["method", "ms/step", "x erm", "x erm (medians)"]))
 
 
 if __name__ == "__main__":
