@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -88,3 +89,14 @@ def tiny_checkpoint(tiny_cohort: dict, tmp_path_factory: pytest.TempPathFactory)
     out = tmp_path_factory.mktemp("tiny_model")
     fit(cfg, "erm", out, log=lambda _: None)
     return out / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one torch thread is faster, and immune to a busy shared machine; restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -70,13 +70,7 @@ map_batches = st.tuples(st.integers(1, 4), st.integers(1, 6), st.integers(2, 6))
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread is faster, and immune to a busy shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,7 @@ from torch import nn
 from wsi_scaat.metrics import ReconstructionResult, reconstruction_check
 from wsi_scaat.metrics.reconstruction import pick_donors
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread is faster, and immune to a busy shared machine; restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class CornerBright(nn.Module):
