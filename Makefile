@@ -46,7 +46,7 @@ clean-demo:
 
 # The SLURM profile end to end: a one-node SLURM cluster on this machine (root, Debian), the small
 # demo through configs/profiles/slurm and locally, jobs checked in sacct, outputs compared.
-# About 10 minutes on 2 busy CPU cores (docs/cluster.md).
+# About 6 minutes on 2 busy CPU cores, apt-get included (docs/cluster.md).
 .PHONY: test-slurm
 test-slurm: $(STAMP)
 	bash tests/cluster/run_slurm.sh
