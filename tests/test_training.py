@@ -108,6 +108,8 @@ def test_best_epoch_selection_breaks_ties_by_loss() -> None:
     ranked = sorted(range(4), key=lambda i: _score(rows[i], "val_auroc"), reverse=True)
     assert ranked == [1, 0, 3, 2]  # NaN AUROC falls back to accuracy 0.95 < 1.0 but > 0.9
     assert max(range(3), key=lambda i: _score(rows[i], "val_loss")) == 2
+    epochs = [{**r, "epoch": k + 1} for k, r in enumerate(rows)]
+    assert max(range(4), key=lambda i: _score(epochs[i], "last")) == 3  # the last epoch, whatever its metrics
 
 
 def test_training_needs_only_train_and_val_stores(tiny_cohort: dict, tmp_path: Path) -> None:

@@ -87,7 +87,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     lr_warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up")
-    select_by: Literal["val_auroc", "val_accuracy", "val_loss"] = "val_auroc"
+    select_by: Literal["val_auroc", "val_accuracy", "val_loss", "last"] = Field(
+        "val_auroc", description="epoch kept as best.pt: best validation metric, or the last epoch"
+    )
     seed: int = 0
     num_workers: int = Field(0, ge=0, le=64)
     amp: bool = True

@@ -202,8 +202,10 @@ def _score(row: dict[str, float], select_by: str) -> tuple[float, float]:
     """Sort key of an epoch (higher is better): the selection metric, then the validation loss.
 
     The loss breaks ties, e.g. between epochs whose AUROC has saturated at 1; a metric that is NaN
-    (AUROC on a one-class split) falls back to accuracy.
+    (AUROC on a one-class split) falls back to accuracy. ``last``: every epoch beats the ones before.
     """
+    if select_by == "last":
+        return float(row["epoch"]), 0.0
     value = row.get(select_by, float("nan"))
     if select_by == "val_loss":
         value = -value
