@@ -45,6 +45,11 @@ def get_parent(wildcards, output):
     return os.path.dirname(output[0])
 
 
+def get_grandparent(wildcards, output):
+    """Folder above the folder of a rule's first output."""
+    return os.path.dirname(os.path.dirname(output[0]))
+
+
 def get_slide_path(wildcards):
     """The slide file of a manifest row."""
     return str(SLIDES[wildcards.slide].path)

@@ -14,7 +14,7 @@ rule evaluate_model:
         wsi=WSI,
         config=RESOLVED_CONFIG,
         settings=get_evaluate_json,
-        outdir=f"{RESULTS}/evaluation",
+        outdir=get_grandparent,
     resources:
         gpu=get_gpus,
     threads: 2
@@ -53,7 +53,7 @@ rule evaluate:
     params:
         wsi=WSI,
         config=RESOLVED_CONFIG,
-        outdir=f"{RESULTS}/evaluation",
+        outdir=get_parent,
     threads: 1
     conda:
         "envs/wsi-scaat.yaml"
