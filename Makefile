@@ -8,7 +8,7 @@ DEMO_CONFIG := configs/demo.yaml
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --configfile $(DEMO_CONFIG)
 SWEEP_CONFIG := $(DEMO_CONFIG) configs/sweep.yaml
 
-.PHONY: install demo test lint benchmark sweep clean-demo
+.PHONY: install demo test lint benchmark sweep report clean-demo
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# Snakemake's HTML report of the demo: training curves, overlays, evaluation table and figures.
+report: $(STAMP)
+	$(BIN)/snakemake --report results/demo/report.html --configfile $(DEMO_CONFIG)
 
 # Every method at three strengths on a larger cohort, evaluated side by side (not part of the demo).
 sweep: $(STAMP)
