@@ -44,6 +44,8 @@ sweep: $(STAMP)
 	$(BIN)/wsi-scaat synth $(addprefix --config ,$(SWEEP_CONFIG))
 	$(BIN)/snakemake --cores $(CORES) --keep-going --configfile $(SWEEP_CONFIG)
 	@cat results/sweep/evaluation/metrics.md
+	@$(BIN)/python scripts/readme_results.py results/sweep/evaluation/metrics.md docs/evaluation.md
+	@cp results/sweep/evaluation/tradeoff.png docs/images/sweep_tradeoff.png
 
 clean-demo:
 	rm -rf results/demo data/demo

@@ -217,7 +217,7 @@ class EvaluateConfig(Section):
         [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="fractions of pixels ROAD removes"
     )
     reconstruction_keep: float = Field(
-        0.2, gt=0, lt=1, description="fraction of most salient pixels the reconstruction check keeps"
+        0.5, gt=0, lt=1, description="fraction of most salient pixels the reconstruction check keeps"
     )
     figure_patches: int = Field(6, ge=1, le=64, description="rows of the figure grid")
     seed: int = 0
