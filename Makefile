@@ -8,15 +8,26 @@ DEMO_CONFIG := configs/demo.yaml
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --configfile $(DEMO_CONFIG)
 SWEEP_CONFIG := $(DEMO_CONFIG) configs/sweep.yaml
 
-.PHONY: install demo test lint benchmark sweep report clean-demo
+.PHONY: install lock demo test lint benchmark sweep report clean-demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every package comes from requirements.lock (pip constraints), so a fresh install today equals
+# the one that was tested; pyproject.toml keeps the compatible ranges for other environments.
+PIP_VERSION := 26.3
+UV_VERSION := 0.13.9
+PIP_INSTALL := $(BIN)/python -m pip install --quiet -c requirements.lock
+
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
+	$(PIP_INSTALL) -e '.[dev]'
 	@touch $(STAMP)
+
+# Refresh requirements.lock (Python 3.11, Linux x86-64, every extra; opencv pair on one version).
+lock: $(STAMP)
+	$(BIN)/python -m pip install --quiet uv==$(UV_VERSION)
+	$(BIN)/python scripts/lock.py $(BIN)/uv
 
 demo: $(STAMP)
 	$(BIN)/wsi-scaat synth --config $(DEMO_CONFIG)

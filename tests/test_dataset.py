@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsi_scaat.data import EpochSampler, PatchDataset, cohort_stores, make_loader
-from wsi_scaat.data.augment import AugmentConfig, build_augment
+from wsi_scaat.data.augment import AugmentConfig, build_augment, stain_matrix_usable
 from wsi_scaat.errors import StoreError
 from wsi_scaat.manifest import read_manifest
 from wsi_scaat.slides.tiling import TileParams, tile_slide
@@ -268,6 +268,19 @@ def test_hed_jitter_on_he_patch(he_patch):
     assert out.dtype == np.uint8 and out.shape == he_patch.shape and 0.5 < diff < 60
 
 
+def test_stain_matrix_usable():
+    he = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])  # Ruifrok & Johnston H and E
+    he /= np.linalg.norm(he, axis=1, keepdims=True)
+    assert stain_matrix_usable(he)
+    assert not stain_matrix_usable(np.stack([he[0], he[0]]))  # one colour: parallel vectors
+    tilt = np.radians(3.0)  # 3 degrees apart: below the 5-degree floor
+    close = np.array([[1.0, 0.0, 0.0], [np.cos(tilt), np.sin(tilt), 0.0]])
+    assert not stain_matrix_usable(close)
+    assert not stain_matrix_usable(he * 2)  # not unit norm
+    assert not stain_matrix_usable(np.array([[np.nan, 0, 1], [0, 1, 0]]))
+    assert not stain_matrix_usable(he[:1])
+
+
 def test_stain_augmentor(he_patch, tmp_path):
     cfg = NO_AUG.model_copy(update={"stain_augmentor": True})
     aug = build_augment(cfg, train=True, seed=0)
@@ -280,7 +293,8 @@ def test_stain_augmentor(he_patch, tmp_path):
     assert np.array_equal(again(he_patch), outs[0])
     white = np.full_like(he_patch, 245)
     flat = np.broadcast_to(np.array([200, 120, 180], np.uint8), he_patch.shape).copy()
-    assert aug(white) is white and aug(flat) is flat  # no tissue / degenerate Macenko fit: unchanged
+    # no tissue / degenerate Macenko fit (one colour, parallel stain vectors): the values pass unchanged
+    assert np.array_equal(aug(white), white) and np.array_equal(aug(flat), flat)
     clone = pickle.loads(pickle.dumps(aug))
     assert clone(he_patch).shape == he_patch.shape
     from PIL import Image

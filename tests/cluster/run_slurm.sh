@@ -59,7 +59,7 @@ fi
 export PATH=$PATH:/usr/sbin
 if ! "$PY" -c "import snakemake_executor_plugin_slurm" 2>/dev/null; then
     log "installing the project's 'cluster' extra (snakemake-executor-plugin-slurm)"
-    "$PY" -m pip install --quiet -e "${REPO}[cluster]"
+    "$PY" -m pip install --quiet -c "${REPO}/requirements.lock" -e "${REPO}[cluster]"
 fi
 
 # ---- 2. cluster ------------------------------------------------------------------------------

@@ -13,7 +13,10 @@ pitfalls, handled here: (1) ``fit`` stores the matrix it extracted, so a reused 
 keeps the first image's matrix for every later image; we reset it before each patch; (2) its random
 draws use an unseeded ``np.random.default_rng()``; we draw from the Compose's generator instead;
 (3) Macenko fails on patches without tissue ("Empty tissue mask computed") and is degenerate on
-flat-coloured patches (parallel stain vectors, huge concentrations); such patches pass unchanged.
+flat-coloured patches: the two fitted stain vectors coincide (one colour cannot be split into two
+stains). Whether a fit is usable is decided from the fitted matrix itself (finite, unit-norm stain
+vectors at least ``_MIN_STAIN_ANGLE_DEG`` apart) and from finite concentrations, not from how a
+given OpenCV or NumPy release happens to fail; unusable patches pass unchanged.
 No reference image is needed: by default the matrix is fitted on each patch itself. With
 ``stain_reference`` (an RGB image, e.g. a tissue-rich tile of the cohort) one matrix is fitted on it
 once at build time and used for every patch: faster, and independent of the patch, but every patch
@@ -37,6 +40,21 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would c
 import albumentations as A  # noqa: E402
 
 _MAX_CONCENTRATION = 50.0  # optical-density scale: a sane Macenko fit stays far below this
+# Haematoxylin and eosin vectors lie about 40 degrees apart (Ruifrok & Johnston: cos 0.76); a fit
+# with two vectors closer than this has found one colour, not two stains.
+_MIN_STAIN_ANGLE_DEG = 5.0
+
+
+def stain_matrix_usable(matrix: np.ndarray) -> bool:
+    """Whether a (2, 3) Macenko stain matrix holds two distinct, finite, unit-norm stain vectors."""
+    m = np.asarray(matrix, dtype=np.float64)
+    if m.shape != (2, 3) or not np.isfinite(m).all():
+        return False
+    norms = np.linalg.norm(m, axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-3):
+        return False
+    cos = float(np.clip(abs(m[0] @ m[1]), 0.0, 1.0))
+    return bool(np.degrees(np.arccos(cos)) >= _MIN_STAIN_ANGLE_DEG)
 
 
 class AugmentConfig(Section):
@@ -135,6 +153,8 @@ class TiaStainAugment(A.ImageOnlyTransform):
             with np.errstate(over="raise", invalid="raise", divide="raise", under="ignore"):
                 aug.fit(img)
         except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            return False
+        if not stain_matrix_usable(aug.stain_matrix):
             return False
         conc = aug.source_concentrations
         return bool(np.isfinite(conc).all() and np.abs(conc).max() < _MAX_CONCENTRATION)
