@@ -87,7 +87,10 @@ def get_tile_args(wildcards):
     args = [
         "--patch-size", t.patch_size, "--target-mpp", t.target_mpp, "--overlap", t.overlap,
         "--min-tissue", t.min_tissue, "--format", t.format, "--compression", t.compression,
-        "--label-threshold", t.label_threshold, "--thumbnail-mpp", CFG.tissue.thumbnail_mpp, "--region-size", t.region_size,
+        "--label-threshold", t.label_threshold, "--region-size", t.region_size,
+        "--thumbnail-mpp", CFG.tissue.thumbnail_mpp, "--tissue-min-area-um2", CFG.tissue.min_area_um2,
+        "--tissue-min-saturation", CFG.tissue.min_saturation, "--tissue-closing-um", CFG.tissue.closing_um,
+        "--tissue-max-hole-um2", CFG.tissue.max_hole_um2,
     ]
     if entry.annotations is not None:
         args += ["--annotations", entry.annotations]

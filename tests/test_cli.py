@@ -67,3 +67,64 @@ def test_check_config_reports_key(tmp_path: Path) -> None:
     bad.write_text("cohort: {name: c, manifest: m.csv}\ntiling: {patch_size: -3}\n")
     result = _cli("check-config", str(bad))
     assert result.returncode == 1 and "tiling.patch_size" in result.stderr
+
+
+# Each subcommand's options and the config sections they take their defaults from; an option maps to
+# the field of the same name, after the listed renames.
+CLI_SECTIONS = {
+    "synth": ("SynthConfig", {"lesion_fraction": "lesion_slide_fraction"}),
+    "tile": ("TilingConfig", {}),
+    "saliency": ("SaliencyConfig", {}),
+    "stitch": ("StitchConfig", {}),
+    "export": ("ExportConfig", {}),
+}
+
+
+def _option_defaults(name: str) -> dict[str, object]:
+    import typer.main
+
+    command = typer.main.get_command(app).commands[name]
+    out = {}
+    for param in command.params:
+        default = param.default
+        out[param.name] = default.value if hasattr(default, "value") else default
+    return out
+
+
+def _config_field(command: str, option: str) -> tuple[type, str] | None:
+    """The config section and field an option of ``command`` takes its default from, if any."""
+    from wsi_scaat import sections
+
+    section_name, renames = CLI_SECTIONS[command]
+    if command == "tile" and (option == "thumbnail_mpp" or option.startswith("tissue_")):
+        return sections.TissueConfig, option.removeprefix("tissue_")
+    section, field = getattr(sections, section_name), renames.get(option, option)
+    if field not in section.model_fields or section.model_fields[field].is_required():
+        return None
+    return section, field
+
+
+@pytest.mark.parametrize("name", sorted(CLI_SECTIONS))
+def test_cli_defaults_are_the_config_defaults(name: str) -> None:
+    """One source of truth: every CLI option named after a config field has that field's default."""
+    compared = []
+    for option, default in _option_defaults(name).items():
+        found = _config_field(name, option)
+        if found is None:
+            continue
+        section, field = found
+        expected = section.model_fields[field].get_default(call_default_factory=True)
+        assert default == expected, f"{name} --{option.replace('_', '-')}: {default!r} != {expected!r}"
+        compared.append(option)
+    assert len(compared) == {"synth": 6, "tile": 13, "saliency": 5, "stitch": 6, "export": 7}[name], compared
+
+
+def test_shipped_review_settings_are_the_defaults() -> None:
+    """configs/default.yaml (quoted by docs/qupath.md) exports and detects tissue with the model defaults."""
+    import yaml
+
+    from wsi_scaat.sections import ExportConfig, TissueConfig
+
+    shipped = yaml.safe_load((Path(__file__).parents[1] / "configs" / "default.yaml").read_text())
+    for key, section in (("export", ExportConfig), ("tissue", TissueConfig)):
+        assert shipped[key] == section().model_dump(mode="json"), key

@@ -18,6 +18,16 @@ import typer
 
 from wsi_scaat import __version__
 from wsi_scaat.errors import WsiScaatError
+from wsi_scaat.sections import (
+    ExportConfig,
+    SaliencyConfig,
+    StitchConfig,
+    SynthConfig,
+    TilingConfig,
+    TissueConfig,
+)
+from wsi_scaat.sections import field_default as _d
+from wsi_scaat.sections import field_help as _h
 
 app = typer.Typer(
     name="wsi-scaat",
@@ -85,15 +95,15 @@ class Compression(str, Enum):
 @app.command()
 @one_line_errors
 def synth(
-    out: Annotated[Path | None, typer.Option(help="Cohort folder to write.")] = None,
-    slides: Annotated[int, typer.Option(min=1, help="Number of slides.")] = 6,
-    width: Annotated[int, typer.Option(min=256, help="Slide width in pixels.")] = 4096,
-    height: Annotated[int, typer.Option(min=256, help="Slide height in pixels.")] = 4096,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives identical files.")] = 0,
-    mpp: Annotated[float, typer.Option(min=0.01, help="Microns per pixel written in the slides.")] = 0.5,
+    out: Annotated[Path | None, typer.Option(help=_h(SynthConfig, "out"))] = None,
+    slides: Annotated[int, typer.Option(min=1, help=_h(SynthConfig, "slides"))] = _d(SynthConfig, "slides"),
+    width: Annotated[int, typer.Option(min=256, help=_h(SynthConfig, "width"))] = _d(SynthConfig, "width"),
+    height: Annotated[int, typer.Option(min=256, help=_h(SynthConfig, "height"))] = _d(SynthConfig, "height"),
+    seed: Annotated[int, typer.Option(help=_h(SynthConfig, "seed"))] = _d(SynthConfig, "seed"),
+    mpp: Annotated[float, typer.Option(min=0.01, help=_h(SynthConfig, "mpp"))] = _d(SynthConfig, "mpp"),
     lesion_fraction: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Fraction of slides carrying lesions.")
-    ] = 0.5,
+        float, typer.Option(min=0.0, max=1.0, help=_h(SynthConfig, "lesion_slide_fraction"))
+    ] = _d(SynthConfig, "lesion_slide_fraction"),
     config: Annotated[
         list[Path] | None,
         typer.Option(help="Take every setting from the config's `synth:` section instead (repeatable)."),
@@ -136,13 +146,21 @@ def synth(
 def tile(
     slide: Annotated[Path, typer.Argument(help="Whole-slide image (SVS, NDPI, MRXS, TIFF, OME-TIFF...).")],
     out: Annotated[Path, typer.Option(help="Output folder for the store and tissue mask.")],
-    patch_size: Annotated[int, typer.Option(min=8, help="Patch side in output pixels.")] = 256,
-    target_mpp: Annotated[float, typer.Option(min=0.01, help="Microns per pixel of the patches.")] = 0.5,
-    overlap: Annotated[int, typer.Option(min=0, help="Overlap of neighbouring patches, pixels.")] = 0,
-    min_tissue: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Minimum tissue fraction to keep a patch.")
-    ] = 0.5,
-    format: Annotated[StoreFormat, typer.Option(help="Store format.")] = StoreFormat.h5,
+    patch_size: Annotated[int, typer.Option(min=8, help=_h(TilingConfig, "patch_size"))] = _d(
+        TilingConfig, "patch_size"
+    ),
+    target_mpp: Annotated[float, typer.Option(min=0.01, help=_h(TilingConfig, "target_mpp"))] = _d(
+        TilingConfig, "target_mpp"
+    ),
+    overlap: Annotated[int, typer.Option(min=0, help=_h(TilingConfig, "overlap"))] = _d(
+        TilingConfig, "overlap"
+    ),
+    min_tissue: Annotated[float, typer.Option(min=0.0, max=1.0, help=_h(TilingConfig, "min_tissue"))] = _d(
+        TilingConfig, "min_tissue"
+    ),
+    format: Annotated[StoreFormat, typer.Option(help=_h(TilingConfig, "format"))] = StoreFormat(
+        _d(TilingConfig, "format")
+    ),
     annotations: Annotated[
         Path | None, typer.Option(help="QuPath GeoJSON of lesions: adds lesion_fraction and labels.")
     ] = None,
@@ -150,13 +168,31 @@ def tile(
         float | None, typer.Option(min=0.001, help="Level-0 microns per pixel, replacing the metadata.")
     ] = None,
     slide_id: Annotated[str | None, typer.Option(help="Slide id (default: file name stem).")] = None,
-    compression: Annotated[Compression, typer.Option(help="Patch chunk codec.")] = Compression.lz4,
-    thumbnail_mpp: Annotated[float, typer.Option(min=0.1, help="Resolution of tissue detection.")] = 8.0,
+    compression: Annotated[Compression, typer.Option(help=_h(TilingConfig, "compression"))] = Compression(
+        _d(TilingConfig, "compression")
+    ),
+    thumbnail_mpp: Annotated[float, typer.Option(min=0.1, help=_h(TissueConfig, "thumbnail_mpp"))] = _d(
+        TissueConfig, "thumbnail_mpp"
+    ),
+    tissue_min_area_um2: Annotated[float, typer.Option(min=0.0, help=_h(TissueConfig, "min_area_um2"))] = _d(
+        TissueConfig, "min_area_um2"
+    ),
+    tissue_min_saturation: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help=_h(TissueConfig, "min_saturation"))
+    ] = _d(TissueConfig, "min_saturation"),
+    tissue_closing_um: Annotated[float, typer.Option(min=0.0, help=_h(TissueConfig, "closing_um"))] = _d(
+        TissueConfig, "closing_um"
+    ),
+    tissue_max_hole_um2: Annotated[float, typer.Option(min=0.0, help=_h(TissueConfig, "max_hole_um2"))] = _d(
+        TissueConfig, "max_hole_um2"
+    ),
     label_threshold: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="Lesion fraction from which a patch is labelled 1.")
-    ] = 0.5,
+        float, typer.Option(min=0.0, max=1.0, help=_h(TilingConfig, "label_threshold"))
+    ] = _d(TilingConfig, "label_threshold"),
     workers: Annotated[int, typer.Option(min=0, help="Reader threads (0: all available cores).")] = 0,
-    region_size: Annotated[int, typer.Option(min=256, help="Level pixels per region read at once.")] = 1024,
+    region_size: Annotated[int, typer.Option(min=256, help=_h(TilingConfig, "region_size"))] = _d(
+        TilingConfig, "region_size"
+    ),
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Detect tissue and cut the slide into a patch store (<out>/<slide_id>.h5 or .zarr)."""
@@ -176,6 +212,13 @@ def tile(
         label_threshold=label_threshold,
         workers=workers,
         region_size=region_size,
+        tissue=TissueConfig(
+            thumbnail_mpp=thumbnail_mpp,
+            min_area_um2=tissue_min_area_um2,
+            min_saturation=tissue_min_saturation,
+            closing_um=tissue_closing_um,
+            max_hole_um2=tissue_max_hole_um2,
+        ),
     )
     sid = check_slide_id(slide_id) if slide_id else None
     store = tile_slide(
@@ -254,11 +297,15 @@ def saliency(
     checkpoint: Annotated[Path, typer.Option(help="Trained checkpoint (best.pt).")],
     store: Annotated[Path, typer.Option(help="Patch store of one slide (.h5 or .zarr).")],
     out: Annotated[Path, typer.Option(help="Output folder for <slide_id>.saliency.zarr.")],
-    method: Annotated[str, typer.Option(help="Attribution method (see wsi_scaat.saliency).")] = "gradient",
-    target: Annotated[str, typer.Option(help="'predicted' or a class name.")] = "predicted",
-    map_downsample: Annotated[int, typer.Option(min=1, help="Store maps at patch size / this.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per batch.")] = 128,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    method: Annotated[str, typer.Option(help=_h(SaliencyConfig, "method"))] = _d(SaliencyConfig, "method"),
+    target: Annotated[str, typer.Option(help=_h(SaliencyConfig, "target"))] = _d(SaliencyConfig, "target"),
+    map_downsample: Annotated[int, typer.Option(min=1, help=_h(SaliencyConfig, "map_downsample"))] = _d(
+        SaliencyConfig, "map_downsample"
+    ),
+    batch_size: Annotated[int, typer.Option(min=1, help=_h(SaliencyConfig, "batch_size"))] = _d(
+        SaliencyConfig, "batch_size"
+    ),
+    device: Annotated[str, typer.Option(help=_h(SaliencyConfig, "device"))] = _d(SaliencyConfig, "device"),
     option: Annotated[
         list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
     ] = None,
@@ -287,12 +334,20 @@ def saliency(
 def stitch(
     saliency_store: Annotated[Path, typer.Argument(help="A <slide_id>.saliency.zarr store.")],
     out: Annotated[Path, typer.Option(help="The <slide_id>.heatmap.zarr pyramid to write.")],
-    chunk: Annotated[int, typer.Option(min=64, help="Heatmap chunk side in pixels.")] = 1024,
-    window: Annotated[str, typer.Option(help="Blending window: hann or flat.")] = "hann",
-    low_percentile: Annotated[float, typer.Option(min=0, max=100, help="Normalisation low clip.")] = 1.0,
-    high_percentile: Annotated[float, typer.Option(min=0, max=100, help="Normalisation high clip.")] = 99.0,
-    mask_tissue: Annotated[bool, typer.Option(help="Zero the heatmap outside the tissue mask.")] = True,
-    scheduler: Annotated[str | None, typer.Option(help="dask.distributed scheduler address.")] = None,
+    chunk: Annotated[int, typer.Option(min=64, help=_h(StitchConfig, "chunk"))] = _d(StitchConfig, "chunk"),
+    window: Annotated[str, typer.Option(help=_h(StitchConfig, "window"))] = _d(StitchConfig, "window"),
+    low_percentile: Annotated[
+        float, typer.Option(min=0, max=100, help=_h(StitchConfig, "low_percentile"))
+    ] = _d(StitchConfig, "low_percentile"),
+    high_percentile: Annotated[
+        float, typer.Option(min=0, max=100, help=_h(StitchConfig, "high_percentile"))
+    ] = _d(StitchConfig, "high_percentile"),
+    mask_tissue: Annotated[bool, typer.Option(help=_h(StitchConfig, "mask_tissue"))] = _d(
+        StitchConfig, "mask_tissue"
+    ),
+    scheduler: Annotated[str | None, typer.Option(help=_h(StitchConfig, "scheduler"))] = _d(
+        StitchConfig, "scheduler"
+    ),
     progress: Annotated[bool, typer.Option(help="Show dask's progress bar.")] = False,
 ) -> None:
     """Stitch patch saliency maps into a slide heatmap pyramid (zarr), out of core with dask."""
@@ -321,15 +376,25 @@ def export(
     slide: Annotated[
         Path | None, typer.Option(help="The slide (default: the path recorded in the store).")
     ] = None,
-    colormap: Annotated[str, typer.Option(help="Matplotlib colormap.")] = "inferno",
-    overlay_alpha: Annotated[float, typer.Option(min=0, max=1, help="Overlay opacity at saliency 1.")] = 0.45,
-    region_threshold: Annotated[float, typer.Option(min=0, max=1, help="High-saliency threshold.")] = 0.5,
-    min_region_area_um2: Annotated[float, typer.Option(min=0, help="Smallest region kept (um^2).")] = 2000.0,
-    thumbnail_size: Annotated[int, typer.Option(min=64, help="Longer side of the PNGs.")] = 2048,
-    tile_size: Annotated[int, typer.Option(min=64, help="OME-TIFF tile side.")] = 512,
-    region_smooth_um: Annotated[
-        float, typer.Option(min=0, help="Gaussian smoothing (sigma, um) before tracing regions.")
-    ] = 0.0,
+    colormap: Annotated[str, typer.Option(help=_h(ExportConfig, "colormap"))] = _d(ExportConfig, "colormap"),
+    overlay_alpha: Annotated[float, typer.Option(min=0, max=1, help=_h(ExportConfig, "overlay_alpha"))] = _d(
+        ExportConfig, "overlay_alpha"
+    ),
+    region_threshold: Annotated[
+        float, typer.Option(min=0, max=1, help=_h(ExportConfig, "region_threshold"))
+    ] = _d(ExportConfig, "region_threshold"),
+    min_region_area_um2: Annotated[
+        float, typer.Option(min=0, help=_h(ExportConfig, "min_region_area_um2"))
+    ] = _d(ExportConfig, "min_region_area_um2"),
+    thumbnail_size: Annotated[int, typer.Option(min=64, help=_h(ExportConfig, "thumbnail_size"))] = _d(
+        ExportConfig, "thumbnail_size"
+    ),
+    tile_size: Annotated[int, typer.Option(min=64, help=_h(ExportConfig, "tile_size"))] = _d(
+        ExportConfig, "tile_size"
+    ),
+    region_smooth_um: Annotated[float, typer.Option(min=0, help=_h(ExportConfig, "region_smooth_um"))] = _d(
+        ExportConfig, "region_smooth_um"
+    ),
 ) -> None:
     """OME-TIFF heatmaps, PNG thumbnails/overlay/figure and QuPath GeoJSON (tiles, regions)."""
     from wsi_scaat.heatmaps.export import export_slide

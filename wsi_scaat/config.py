@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,56 +16,18 @@ from wsi_scaat.data.augment import AugmentConfig
 from wsi_scaat.errors import ConfigError
 from wsi_scaat.models import ModelConfig
 from wsi_scaat.schema import Section
+from wsi_scaat.sections import (  # noqa: F401 - re-exported: every section is importable from here
+    NAME_RE,
+    CohortConfig,
+    EvaluateConfig,
+    ExportConfig,
+    SaliencyConfig,
+    StitchConfig,
+    SynthConfig,
+    TilingConfig,
+    TissueConfig,
+)
 from wsi_scaat.training.methods import AdvGradConfig, ScaatConfig, SgtConfig
-
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-class CohortConfig(Section):
-    name: str = Field(description="cohort name; outputs go to <results_dir>/<name>/")
-    manifest: Path = Field(description="CSV with slide_id,path,split,label,annotations[,mpp]")
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError("must be letters, digits, '.', '_' or '-' (it names a folder)")
-        return v
-
-
-class SynthConfig(Section):
-    out: Path
-    slides: int = Field(6, ge=1, le=10000)
-    width: int = Field(4096, ge=256, le=200_000)
-    height: int = Field(4096, ge=256, le=200_000)
-    seed: int = 0
-    mpp: float = Field(0.5, gt=0, le=100)
-    lesion_slide_fraction: float = Field(0.5, ge=0, le=1)
-
-
-class TissueConfig(Section):
-    thumbnail_mpp: float = Field(8.0, gt=0, le=256)
-
-
-class TilingConfig(Section):
-    patch_size: int = Field(256, ge=8, le=4096)
-    target_mpp: float = Field(0.5, gt=0, le=100)
-    overlap: int = Field(0, ge=0)
-    min_tissue: float = Field(0.5, ge=0, le=1)
-    format: Literal["h5", "zarr"] = "h5"
-    compression: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
-    region_size: int = Field(1024, ge=256, le=32768)
-    label_threshold: float = Field(0.5, gt=0, le=1)
-    annotation_class: str = "lesion"
-
-    @field_validator("overlap")
-    @classmethod
-    def _overlap_below_patch(cls, v: int, info: Any) -> int:
-        size = info.data.get("patch_size")
-        if size is not None and v >= size:
-            raise ValueError(f"must be smaller than patch_size ({size})")
-        return v
-
 
 Method = Literal["erm", "scaat", "advgrad", "sgt"]
 METHOD_NAMES = ("erm", "scaat", "advgrad", "sgt")
@@ -144,90 +105,6 @@ class TrainConfig(Section):
         except ValidationError as err:
             raise ValueError(f"run {name!r}: {_format_errors(err)}") from None
         return method, settings
-
-
-Attribution = Literal[
-    "gradient", "grad_x_input", "smoothgrad", "integrated_gradients", "gradcam", "mask_opt", "mask_opt_gd"
-]
-
-
-class SaliencyConfig(Section):
-    method: Attribution = "gradient"
-    target: str = Field("predicted", description="'predicted' or a class name")
-    map_downsample: int = Field(1, ge=1, le=64, description="patch maps stored at patch_size / this")
-    batch_size: int = Field(128, ge=1, le=65536)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    options: dict[str, float | int | str] = Field(
-        default_factory=dict, description="method keyword arguments"
-    )
-    splits: list[str] | None = Field(
-        None, description="manifest splits explained, stitched and exported (null: every slide)"
-    )
-
-
-class StitchConfig(Section):
-    chunk: int = Field(1024, ge=64, le=16384, description="heatmap chunk side (pixels)")
-    window: Literal["hann", "flat"] = "hann"
-    low_percentile: float = Field(1.0, ge=0, le=100)
-    high_percentile: float = Field(99.0, ge=0, le=100)
-    mask_tissue: bool = True
-    scheduler: str | None = Field(None, description="dask.distributed scheduler address; null: local threads")
-
-    @field_validator("high_percentile")
-    @classmethod
-    def _ordered(cls, v: float, info: Any) -> float:
-        low = info.data.get("low_percentile")
-        if low is not None and v <= low:
-            raise ValueError(f"must be above low_percentile ({low})")
-        return v
-
-
-class ExportConfig(Section):
-    colormap: str = "inferno"
-    overlay_alpha: float = Field(0.45, ge=0, le=1)
-    region_threshold: float = Field(
-        0.5, gt=0, lt=1, description="heatmap value outlining high-saliency regions"
-    )
-    min_region_area_um2: float = Field(2000.0, ge=0)
-    region_smooth_um: float = Field(
-        8.0, ge=0, le=1000, description="Gaussian sigma (um) before tracing regions"
-    )
-    thumbnail_size: int = Field(2048, ge=64, le=16384)
-    tile_size: int = Field(512, ge=64, le=4096)
-
-    @field_validator("colormap")
-    @classmethod
-    def _known_colormap(cls, v: str) -> str:
-        import matplotlib
-
-        if v not in matplotlib.colormaps:
-            raise ValueError(f"unknown matplotlib colormap {v!r}")
-        return v
-
-
-class EvaluateConfig(Section):
-    splits: list[str] = Field(["test"], min_length=1, description="manifest splits evaluated (held out)")
-    max_patches: int = Field(
-        512, ge=8, le=1_000_000, description="patches per model for faithfulness and reconstruction"
-    )
-    batch_size: int = Field(128, ge=1, le=65536)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    deletion_steps: int = Field(16, ge=2, le=1024, description="steps of the deletion / insertion curves")
-    road_percentages: list[float] = Field(
-        [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1, description="fractions of pixels ROAD removes"
-    )
-    reconstruction_keep: float = Field(
-        0.5, gt=0, lt=1, description="fraction of most salient pixels the reconstruction check keeps"
-    )
-    figure_patches: int = Field(6, ge=1, le=64, description="rows of the figure grid")
-    seed: int = 0
-
-    @field_validator("road_percentages")
-    @classmethod
-    def _fractions(cls, v: list[float]) -> list[float]:
-        if any(not 0 < f < 1 for f in v) or sorted(set(v)) != v:
-            raise ValueError("increasing fractions strictly between 0 and 1")
-        return v
 
 
 class Config(Section):

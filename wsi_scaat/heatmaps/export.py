@@ -29,6 +29,8 @@ from wsi_scaat.errors import StoreError
 from wsi_scaat.heatmaps import figures, geojson, ometiff
 from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import open_saliency_store
+from wsi_scaat.sections import ExportConfig
+from wsi_scaat.sections import field_default as _d
 from wsi_scaat.slides import open_slide
 
 #: Regions are traced on the finest heatmap level whose longer side is at most this.
@@ -236,14 +238,14 @@ def export_slide(
     out_dir: Path,
     *,
     slide_path: Path | None = None,
-    colormap: str = "inferno",
-    overlay_alpha: float = 0.45,
-    region_threshold: float = 0.5,
-    min_region_area_um2: float = 2000.0,
-    thumbnail_size: int = 2048,
-    tile_size: int = 512,
+    colormap: str = _d(ExportConfig, "colormap"),
+    overlay_alpha: float = _d(ExportConfig, "overlay_alpha"),
+    region_threshold: float = _d(ExportConfig, "region_threshold"),
+    min_region_area_um2: float = _d(ExportConfig, "min_region_area_um2"),
+    thumbnail_size: int = _d(ExportConfig, "thumbnail_size"),
+    tile_size: int = _d(ExportConfig, "tile_size"),
     ome_downsample: float = 1.0,
-    region_smooth_um: float = 0.0,
+    region_smooth_um: float = _d(ExportConfig, "region_smooth_um"),
 ) -> dict[str, Path]:
     """Write every review export of one slide into ``out_dir``; returns their paths by kind.
 

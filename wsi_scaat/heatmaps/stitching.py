@@ -51,6 +51,8 @@ from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
 from wsi_scaat.heatmaps import pyramid
 from wsi_scaat.heatmaps.pyramid import read_patches, read_patches_cached
+from wsi_scaat.sections import StitchConfig
+from wsi_scaat.sections import field_default as _d
 
 HEATMAP_VERSION = 1
 SUFFIX = ".heatmap.zarr"
@@ -309,9 +311,12 @@ def _attrs(plan: Plan, norm: tuple[float, float] | None, low: float, high: float
     }
 
 
-def stitch(saliency_store: str | Path, out: str | Path, *, chunk: int = 1024, window: str = "hann",
-           low_percentile: float = 1.0, high_percentile: float = 99.0, mask_tissue: bool = True,
-           scheduler: str | None = None, progress: bool = False, normalize: bool = True) -> Path:  # fmt: skip
+def stitch(saliency_store: str | Path, out: str | Path, *, chunk: int = _d(StitchConfig, "chunk"),
+           window: str = _d(StitchConfig, "window"),
+           low_percentile: float = _d(StitchConfig, "low_percentile"),
+           high_percentile: float = _d(StitchConfig, "high_percentile"),
+           mask_tissue: bool = _d(StitchConfig, "mask_tissue"), scheduler: str | None = None,
+           progress: bool = False, normalize: bool = True) -> Path:  # fmt: skip
     """Build the ``.heatmap.zarr`` pyramid ``out`` atomically (temporary sibling, renamed when complete).
 
     ``scheduler``: None for dask's local threads (one per available core), "threads" / "synchronous"

@@ -22,6 +22,8 @@ from wsi_scaat import __version__
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import SUFFIX, create_saliency_store
+from wsi_scaat.sections import SaliencyConfig
+from wsi_scaat.sections import field_default as _d
 from wsi_scaat.store import open_store
 from wsi_scaat.training.checkpoint import load_checkpoint
 
@@ -107,11 +109,11 @@ def run_saliency(
     store: str | Path,
     out_dir: str | Path,
     *,
-    method: str = "gradient",
-    target: str = "predicted",
-    map_downsample: int = 1,
-    batch_size: int = 128,
-    device: str = "auto",
+    method: str = _d(SaliencyConfig, "method"),
+    target: str = _d(SaliencyConfig, "target"),
+    map_downsample: int = _d(SaliencyConfig, "map_downsample"),
+    batch_size: int = _d(SaliencyConfig, "batch_size"),
+    device: str = _d(SaliencyConfig, "device"),
     options: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> Path:

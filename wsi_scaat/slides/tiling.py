@@ -9,12 +9,13 @@ its own slide handle; patches are encoded in the same threads.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -26,8 +27,17 @@ from wsi_scaat.annotations import coverage_fraction, read_annotations
 from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.manifest import check_slide_id
+from wsi_scaat.sections import TilingConfig, TissueConfig
+from wsi_scaat.sections import field_default as _d
 from wsi_scaat.slides.reader import SlideInfo, SlideReader, open_slide
-from wsi_scaat.slides.tissue import TissueMask, detect_slide_tissue, save_tissue_png, tissue_geojson
+from wsi_scaat.slides.tissue import (
+    TissueMask,
+    detect_slide_tissue,
+    no_tissue_message,
+    save_tissue_png,
+    tissue_geojson,
+    tissue_settings,
+)
 from wsi_scaat.store import create_store, store_suffix
 
 
@@ -148,19 +158,20 @@ def _read_and_encode(
 
 @dataclass(frozen=True)
 class TileParams:
-    """Parameters of the tiling stage (see ``configs/default.yaml``)."""
+    """Parameters of the tiling stage; defaults from the config sections ``tiling`` and ``tissue``."""
 
-    patch_size: int = 256
-    target_mpp: float = 0.5
-    overlap: int = 0
-    min_tissue: float = 0.5
-    format: str = "h5"
-    compression: str = "lz4"
-    thumbnail_mpp: float = 8.0
-    region_size: int = 1024
-    label_threshold: float = 0.5
-    annotation_class: str = "lesion"
+    patch_size: int = _d(TilingConfig, "patch_size")
+    target_mpp: float = _d(TilingConfig, "target_mpp")
+    overlap: int = _d(TilingConfig, "overlap")
+    min_tissue: float = _d(TilingConfig, "min_tissue")
+    format: str = _d(TilingConfig, "format")
+    compression: str = _d(TilingConfig, "compression")
+    thumbnail_mpp: float = _d(TissueConfig, "thumbnail_mpp")
+    region_size: int = _d(TilingConfig, "region_size")
+    label_threshold: float = _d(TilingConfig, "label_threshold")
+    annotation_class: str = _d(TilingConfig, "annotation_class")
     workers: int = 0  # 0: one per available core
+    tissue: TissueConfig = field(default_factory=TissueConfig)  # its thumbnail_mpp: see thumbnail_mpp
 
 
 def available_cores() -> int:
@@ -192,7 +203,9 @@ def tile_slide(
     store_path = out_dir / f"{slide_id}{store_suffix(params.format)}"
     with open_slide(slide, mpp_override) as reader:
         info = reader.info
-        tissue, _ = detect_slide_tissue(reader, params.thumbnail_mpp)
+        tissue, _ = detect_slide_tissue(reader, params.thumbnail_mpp, **tissue_settings(params.tissue))
+    if not tissue.mask.any():
+        raise WsiScaatError(slide, no_tissue_message(params.tissue, params.thumbnail_mpp))
     grid = plan_grid(info, params.patch_size, params.target_mpp, params.overlap)
     fraction = tissue.fraction_in(grid.coords[:, 0], grid.coords[:, 1], grid.patch_size_level0)
     n_grid, grid = len(grid.coords), grid.subset(fraction >= params.min_tissue)
@@ -292,6 +305,7 @@ def _store_attrs(
         "source_path": str(Path(info.path).resolve()),
         "reader_backend": info.backend,
         "tissue_downsample": tissue.downsample,
+        "tissue_settings": json.dumps(tissue_settings(params.tissue), sort_keys=True),
         "compression": params.compression,
         "store_version": 1,
         "wsi_scaat_version": __version__,

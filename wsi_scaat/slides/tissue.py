@@ -14,6 +14,8 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon, mapping
 from skimage.filters import threshold_otsu
 
+from wsi_scaat.sections import TissueConfig
+from wsi_scaat.sections import field_default as _d
 from wsi_scaat.slides.reader import SlideReader
 
 
@@ -49,10 +51,10 @@ def detect_tissue(
     rgb: np.ndarray,
     downsample: float,
     *,
-    min_saturation: float = 0.05,
-    closing_um: float = 40.0,
-    min_area_um2: float = 20000.0,
-    max_hole_um2: float = 20000.0,
+    min_saturation: float = _d(TissueConfig, "min_saturation"),
+    closing_um: float = _d(TissueConfig, "closing_um"),
+    min_area_um2: float = _d(TissueConfig, "min_area_um2"),
+    max_hole_um2: float = _d(TissueConfig, "max_hole_um2"),
     mpp: float = 0.5,
 ) -> TissueMask:
     """Tissue mask of an RGB thumbnail.
@@ -92,8 +94,23 @@ def _components_in_range(
     return np.concatenate([[False], keep])[labels]
 
 
+def tissue_settings(cfg: TissueConfig) -> dict[str, float]:
+    """The keyword arguments of :func:`detect_tissue` held by a ``tissue`` config section."""
+    return {k: getattr(cfg, k) for k in ("min_saturation", "closing_um", "min_area_um2", "max_hole_um2")}
+
+
+def no_tissue_message(cfg: TissueConfig, thumbnail_mpp: float) -> str:
+    """Why the tissue mask is empty, with the settings that would change it."""
+    return (
+        f"no tissue detected (tissue.min_area_um2={cfg.min_area_um2:g}, "
+        f"tissue.min_saturation={cfg.min_saturation:g}, tissue.thumbnail_mpp={thumbnail_mpp:g}): "
+        "for small fragments lower min_area_um2 (--tissue-min-area-um2) or thumbnail_mpp; "
+        "for faint stains lower min_saturation (--tissue-min-saturation)"
+    )
+
+
 def detect_slide_tissue(
-    reader: SlideReader, thumbnail_mpp: float = 8.0, **kwargs: float
+    reader: SlideReader, thumbnail_mpp: float = _d(TissueConfig, "thumbnail_mpp"), **kwargs: float
 ) -> tuple[TissueMask, np.ndarray]:
     """Read a thumbnail at ``thumbnail_mpp`` and detect tissue on it; returns mask and thumbnail."""
     mpp = reader.info.require_mpp()
