@@ -111,7 +111,15 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict:
         writer.write(0, maps, probs, np.argmax(probs, 1))
     heatmap = folder / "s1.heatmap.zarr"
     level0 = _write_heatmap(heatmap, attrs)
-    out = export.export_slide(heatmap, store, folder / "out", thumbnail_size=256, tile_size=256)
+    out = export.export_slide(
+        heatmap,
+        store,
+        folder / "out",
+        thumbnail_size=256,
+        tile_size=256,
+        region_threshold=0.5,
+        region_smooth_um=0.0,
+    )  # exact outlines: no smoothing
     return {
         "slide": slide,
         "store": store,

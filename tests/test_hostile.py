@@ -164,7 +164,7 @@ def test_slides_without_patches_fail_clearly(slides_dir: Path, tmp_path: Path) -
 
     blank = write_plain_tiff(tmp_path / "blank.tiff", np.full((512, 512, 3), 255, np.uint8), mpp=0.5)
     cases = [
-        (blank, r"blank.tiff: no patches: none of the 64 patches has tissue fraction >= 0.5"),
+        (blank, r"blank.tiff: no tissue detected \(tissue.min_area_um2=1000"),
         (slides_dir / "openslide-small.svs", r"small.svs: no patches: the slide \(16 x 16 px\) is smaller"),
         (slides_dir / "openslide-boxes.tiff", r"boxes.tiff: level-0 mpp 352.* less than one pixel"),  # 72 dpi
     ]

@@ -204,19 +204,18 @@ def tile_slide(
     with open_slide(slide, mpp_override) as reader:
         info = reader.info
         tissue, _ = detect_slide_tissue(reader, params.thumbnail_mpp, **tissue_settings(params.tissue))
-    if not tissue.mask.any():
-        raise WsiScaatError(slide, no_tissue_message(params.tissue, params.thumbnail_mpp))
     grid = plan_grid(info, params.patch_size, params.target_mpp, params.overlap)
+    patch = f"{params.patch_size}-px patch at {params.target_mpp:g} mpp"
+    if not len(grid.coords):
+        size = f"{info.width} x {info.height} px"
+        raise WsiScaatError(slide, f"no patches: the slide ({size}) is smaller than one {patch}")
+    if not tissue.mask.any() and params.min_tissue > 0:  # min_tissue 0 asks for every patch
+        raise WsiScaatError(slide, no_tissue_message(params.tissue, params.thumbnail_mpp))
     fraction = tissue.fraction_in(grid.coords[:, 0], grid.coords[:, 1], grid.patch_size_level0)
     n_grid, grid = len(grid.coords), grid.subset(fraction >= params.min_tissue)
-    if not len(grid.coords):  # a blank or tiny slide: say so, rather than write an empty store
-        patch = f"{params.patch_size}-px patch at {params.target_mpp:g} mpp"
-        raise WsiScaatError(
-            slide,
-            f"no patches: none of the {n_grid} patches has tissue fraction >= {params.min_tissue:g} ({patch})"
-            if n_grid
-            else f"no patches: the slide ({info.width} x {info.height} px) is smaller than one {patch}",
-        )
+    if not len(grid.coords):
+        floor = f"tissue fraction >= {params.min_tissue:g}"
+        raise WsiScaatError(slide, f"no patches: none of the {n_grid} patches has {floor} ({patch})")
     attrs = _store_attrs(info, grid, params, slide_id, tissue)
     polygons = read_annotations(annotations, params.annotation_class) if annotations else None
 
