@@ -110,7 +110,7 @@ def test_small_fragment_is_tiled_with_the_defaults(tmp_path: Path) -> None:
 
 
 def test_no_tissue_error_names_the_settings(tmp_path: Path) -> None:
-    """With the old hard-coded 20,000 um^2 floor the fragment is dropped: the error says why and what to change."""
+    """With the old 20,000 um^2 floor the fragment is dropped: the error says why, and what to do."""
     from wsi_scaat.errors import WsiScaatError
     from wsi_scaat.sections import TissueConfig
     from wsi_scaat.slides.tiling import TileParams, tile_slide
