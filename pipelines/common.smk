@@ -23,7 +23,8 @@ RESULTS = str(CFG.results)
 # when its content changes; the rules' params decide what re-runs.
 RESOLVED_CONFIG = str(ensure_config_file(CFG, f"{RESULTS}/config.yaml"))
 STORE_EXT = CFG.tiling.format
-# Models trained here: the methods of train.methods and the named runs of train.runs.
+# Models trained here: the methods of train.methods and the named runs of train.runs, once per seed
+# (evaluate.seeds; the first seed's model has the run's name, the others <run>.s<seed>).
 TRAINED = [] if CFG.model_checkpoint is not None else CFG.models
 # The package's CLI, run by the Python that runs Snakemake (no reliance on PATH).
 WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
@@ -216,7 +217,8 @@ def get_final_outputs():
     if CFG.model_checkpoint is None:
         outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=TRAINED)
     explained = sorted(s for s, e in SLIDES.items() if CFG.saliency.splits is None or e.split in CFG.saliency.splits)
-    outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.{{kind}}", model=CFG.models,
+    # Review exports for each run's first-seed model; the other seeds are for the evaluation only.
+    outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.{{kind}}", model=CFG.runs,
                       slide=explained, kind=["tiles.geojson", "regions.geojson", "overlay.png"])
     if EVAL_SLIDES:
         outputs.append(f"{RESULTS}/evaluation/metrics.csv")

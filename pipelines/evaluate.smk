@@ -1,4 +1,5 @@
-# Evaluation on the held-out slides: one job per model, then the table and figures of all models.
+# Evaluation on the held-out slides: one job per model (every seed of every run), then the tables
+# (per run: mean over seeds, bootstrap intervals, paired differences) and figures.
 
 
 rule evaluate_model:
@@ -10,6 +11,7 @@ rule evaluate_model:
     output:
         summary=f"{RESULTS}/evaluation/models/{{model}}.json",
         patches=f"{RESULTS}/evaluation/models/{{model}}.patches.csv",
+        slides=f"{RESULTS}/evaluation/models/{{model}}.slides.npz",
     params:
         wsi=WSI,
         config=RESOLVED_CONFIG,
@@ -32,9 +34,10 @@ rule evaluate_model:
 rule evaluate:
     input:
         summaries=expand(f"{RESULTS}/evaluation/models/{{model}}.json", model=CFG.models),
-        saliency=[get_eval_saliency({"model": m}) for m in CFG.models],
+        saliency=[get_eval_saliency({"model": m}) for m in CFG.runs],
     output:
         csv=f"{RESULTS}/evaluation/metrics.csv",
+        runs=f"{RESULTS}/evaluation/runs.csv",
         table=report(
             f"{RESULTS}/evaluation/metrics.md",
             caption="report/metrics.rst",

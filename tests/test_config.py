@@ -110,3 +110,32 @@ def test_bad_runs_name_the_run(runs: dict, why: str) -> None:
         validate_config({"cohort": {"name": "c", "manifest": "m.csv"}, "train": {"runs": runs}})
     with pytest.raises(ConfigError, match="neither a method"):
         validate_config({"cohort": {"name": "c", "manifest": "m.csv"}}).training_run("nope")
+
+
+def test_seeds_name_the_models_and_set_the_training_seed() -> None:
+    cfg = validate_config(
+        {
+            "cohort": {"name": "c", "manifest": "m.csv"},
+            "train": {"methods": ["erm", "scaat"], "seed": 10,
+                      "runs": {"sgt_weak": {"method": "sgt", "sgt": {"mask_fraction": 0.3}, "seeds": 1}}},
+            "evaluate": {"seeds": 3},
+        }
+    )  # fmt: skip
+    assert cfg.runs == ["erm", "scaat", "sgt_weak"]
+    assert cfg.models == ["erm", "erm.s11", "erm.s12", "scaat", "scaat.s11", "scaat.s12", "sgt_weak"]
+    assert cfg.replicates("scaat") == ["scaat", "scaat.s11", "scaat.s12"]
+    assert cfg.run_of("scaat.s12") == ("scaat", 12) and cfg.run_of("erm") == ("erm", 10)
+    method, run_cfg = cfg.training_run("scaat.s12")
+    assert method == "scaat" and run_cfg.train.seed == 12 and cfg.train.seed == 10
+    method, run_cfg = cfg.training_run("sgt_weak")
+    assert method == "sgt" and run_cfg.train.sgt.mask_fraction == 0.3 and run_cfg.train.seed == 10
+    assert cfg.training_run("erm")[1] is cfg
+    with pytest.raises(ConfigError, match="unknown model 'erm.s13'"):
+        cfg.run_of("erm.s13")
+
+
+def test_run_seeds_must_be_a_count() -> None:
+    data = {"cohort": {"name": "c", "manifest": "m.csv"},
+            "train": {"runs": {"x": {"method": "scaat", "seeds": 0}}}}  # fmt: skip
+    with pytest.raises(ConfigError, match="'seeds' must be an integer from 1 to 100"):
+        validate_config(data)

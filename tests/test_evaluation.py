@@ -72,20 +72,42 @@ def test_sample_is_stratified_seeded_and_eligible_only() -> None:
     assert len(few[0]) == 4 and 0 in few[0]  # the only lesion patch is taken, negatives fill the rest
 
 
-def test_markdown_marks_the_best_of_each_column() -> None:
-    rows = [
-        {"model": "erm", "knobs": "", "accuracy": 0.9, "gini": 0.4, "gini_ci95": 0.01, "deletion_auc": 0.3},
-        {"model": "scaat", "knobs": "mask_ratio=0.5", "accuracy": 0.9, "gini": 0.7, "gini_ci95": 0.02,
-         "deletion_auc": 0.2},
-    ]  # fmt: skip
-    text = metrics_markdown(rows)
-    erm, scaat = (
-        line for line in text.splitlines() if line.startswith("| erm") or line.startswith("| scaat")
+def test_markdown_marks_the_best_and_the_differences_whose_interval_excludes_zero() -> None:
+    from wsi_scaat.evaluation.report import COLUMNS, RunRow
+    from wsi_scaat.evaluation.statistics import Interval
+
+    cfg = validate_config({"cohort": {"name": "c", "manifest": "m.csv"}, "evaluate": {"bootstrap": 100}})
+    nan = Interval(float("nan"), float("nan"), float("nan"))
+    base = {key: nan for key, *_ in COLUMNS}
+    erm = RunRow(
+        "erm",
+        "erm",
+        ["erm", "erm.s1"],
+        {
+            **base,
+            "gini": Interval(0.4, 0.38, 0.42),
+            "accuracy": Interval(0.9, 0.88, 0.92),
+            "deletion_auc": Interval(0.3, 0.25, 0.35),
+        },
+        {},
     )
-    assert "**0.700 ± 0.020**" in scaat and "0.400 ± 0.010" in erm and "**0.400" not in erm
-    assert "**0.200**" in scaat  # deletion: lower is better
-    assert erm.count("**0.900**") == 1 and scaat.count("**0.900**") == 1  # ties are both best
-    assert "n/a" in erm  # missing figures are said, not invented
+    scaat = RunRow("scaat", "scaat (mask_ratio=0.5)", ["scaat"], {**base, "gini": Interval(0.7, 0.65, 0.75),
+                   "accuracy": Interval(0.9, 0.87, 0.93), "deletion_auc": Interval(0.2, 0.15, 0.25)},
+                   {**base, "gini": Interval(0.3, 0.2, 0.4), "accuracy": Interval(0.0, -0.02, 0.02),
+                    "deletion_auc": Interval(-0.1, -0.2, 0.01)})  # fmt: skip
+    text = metrics_markdown(cfg, [erm, scaat], [{"n_slides": 2, "splits": ["test"]}])
+    lines = text.splitlines()
+    first = [line for line in lines if line.startswith("| erm |")]
+    runs = [line for line in lines if line.startswith("| scaat (mask_ratio=0.5) |")]
+    assert len(first) == 1 and len(runs) == 2  # the values table, then the differences table
+    assert "**0.700 [0.650, 0.750]**" in runs[0] and "0.400 [0.380, 0.420]" in first[0]
+    assert "**0.200 [0.150, 0.250]**" in runs[0]  # deletion: lower is better
+    assert first[0].count("**0.900") == 1 and runs[0].count("**0.900") == 1  # ties are both best
+    assert "| 2 |" in first[0]  # seeds
+    assert "+0.300* [+0.200, +0.400]" in runs[1]  # interval excludes 0: marked
+    assert "+0.000 [-0.020, +0.020]" in runs[1] and "-0.100 [-0.200, +0.010]" in runs[1]  # not marked
+    assert "Paired difference to `erm`" in text
+    assert "ROAD" not in lines[0]  # a column without any value is left out
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +132,7 @@ def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
     s, cfg = evaluated["summary"], evaluated["cfg"]
     sal = open_saliency_store(evaluated["sal"])
     with open_store(evaluated["tiles"] / "synth_001.h5") as tiles:
-        labels, coords, size0 = tiles.array("labels"), tiles.coords, float(tiles.attrs["patch_size_level0"])
+        labels = tiles.array("labels")
     probs = sal.array("probs")
     assert s["n_patches"] == len(labels) and s["n_slides"] == 1
     assert s["accuracy"] == pytest.approx(float((probs.argmax(1) == labels).mean()))
@@ -130,12 +152,18 @@ def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
     assert s["heatmap_auroc"] == pytest.approx(expected, abs=1e-4)
     pos, neg = heatmap_histograms(evaluated["heat"], evaluated["sal"], region)
     assert pos.sum() + neg.sum() == tissue.sum() and pos.sum() == (lesion & tissue).sum()
-    # localisation only on patches holding lesion; faithfulness on at most max_patches
-    n_lesion = int((region.patch_masks(coords, size0, maps.shape[-1]).any((1, 2))).sum())
-    assert 0 < s["pointing_game_n"] <= n_lesion
+    # localisation only on mixed patches (lesion fraction 0.1-0.9), over tissue pixels
+    with open_store(evaluated["tiles"] / "synth_001.h5") as tiles:
+        lf = tiles.array("lesion_fraction")
+    n_mixed = int(((lf >= 0.1) & (lf <= 0.9)).sum())
+    assert 0 < s["pointing_game_n"] == s["auroc_localisation_n"] <= n_mixed
+    assert 0 < s["loc_lesion_pixels_total"] < s["loc_pixels_total"] <= n_mixed * maps.shape[-1] ** 2
     assert 0 < s["deletion_auc_n"] <= 24
-    for key in ("deletion_auc", "insertion_auc", "road_morf", "road_lerf", "reconstruction_kept", "gini"):
+    for key in ("deletion_auc", "deletion_auc_random", "insertion_auc", "road_morf", "road_lerf",
+                "reconstruction_kept", "gini", "gini_pool2", "parity_balance", "correct"):  # fmt: skip
         assert 0.0 <= s[key] <= 1.0, key
+    assert -1.0 <= s["randomisation_spearman"] <= 1.0
+    assert s["correct"] == pytest.approx(s["accuracy"])
 
 
 def test_evaluation_writes_per_patch_rows_and_report(evaluated: dict) -> None:
@@ -146,9 +174,22 @@ def test_evaluation_writes_per_patch_rows_and_report(evaluated: dict) -> None:
     gini = np.array([float(r["gini"]) for r in rows])
     assert gini.mean() == pytest.approx(s["gini"], rel=1e-5)
     assert sum(r["deletion_auc"] != "" for r in rows) == s["deletion_auc_n"]
+    done = [r for r in rows if r["deletion_auc"] != ""]
+    for r in done:  # the gap is the random order's deletion AUC minus the map's
+        gap = float(r["deletion_auc_random"]) - float(r["deletion_auc"])
+        assert float(r["deletion_gap"]) == pytest.approx(gap, abs=2e-6)
+    hists = np.load(out / "models" / "pretrained.slides.npz")
+    assert list(hists["slide_ids"]) == ["synth_001"]
+    assert hists["probability"].sum() == s["n_patches"]  # every patch in the class-probability histogram
+    assert hists["heatmap"].shape == (1, 2048) and hists["heatmap"].sum() > 0
     paths = write_report(evaluated["cfg"], out, ["pretrained"])
     table = paths["markdown"].read_text()
-    assert table.startswith("| model |") and "| pretrained |" in table
+    assert table.startswith("| run | seeds |") and "| pretrained | 1 |" in table
+    with paths["runs"].open() as f:
+        (run,) = list(csv.DictReader(f))
+    assert float(run["gini"]) == pytest.approx(s["gini"], rel=1e-5)  # one slide, one seed: the mean
+    assert float(run["accuracy"]) == pytest.approx(s["accuracy"])
+    assert float(run["heatmap_auroc"]) == pytest.approx(s["heatmap_auroc"], abs=2e-3)  # 1024 bins
     with paths["csv"].open() as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["gini"]) == pytest.approx(s["gini"])

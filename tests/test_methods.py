@@ -71,6 +71,15 @@ CASES = {
     "scaat": ("scaat", train_cfg()),
     "scaat-2steps": ("scaat", train_cfg(scaat=ScaatConfig(steps=2, warmup_epochs=0, gamma=2.0))),
     "scaat-bf16": ("scaat", train_cfg(scaat=ScaatConfig(warmup_epochs=0, bf16_search=True))),
+    # the ablation knobs of SCAAT, each away from the default
+    "scaat-bn-eval": ("scaat", train_cfg(scaat=ScaatConfig(warmup_epochs=0, saliency_bn="eval"))),
+    "scaat-smoothed": (
+        "scaat",
+        train_cfg(scaat=ScaatConfig(warmup_epochs=0, rank_saliency="smoothed_input")),
+    ),
+    "scaat-sampled": ("scaat", train_cfg(scaat=ScaatConfig(warmup_epochs=0, mask="sampled"))),
+    "scaat-attached": ("scaat", train_cfg(scaat=ScaatConfig(warmup_epochs=0, detach_target=False))),
+    "scaat-symmetric": ("scaat", train_cfg(scaat=ScaatConfig(warmup_epochs=0, kl="symmetric"))),
     "sgt": ("sgt", train_cfg()),
     **{
         f"advgrad-{v}-{m}": ("advgrad", train_cfg(advgrad=AdvGradConfig(variant=v, mode=m, steps=3)))
@@ -133,7 +142,7 @@ def test_loss_falls(case: str) -> None:
     assert last < 0.9 * first, losses
 
 
-LOSS_FORWARDS = {"erm": 1, "scaat": 2, "scaat-2steps": 2, "scaat-bf16": 2, "sgt": 2}
+LOSS_FORWARDS = {"erm": 1, "sgt": 2} | {case: 2 for case in CASES if case.startswith("scaat")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -380,3 +389,67 @@ def test_sgt_mask_input(fraction: float) -> None:
     assert torch.equal(changed, expected)  # exactly the k lowest-|saliency| elements
     assert bool(((out >= 0) & (out <= 1)).all())
     assert torch.equal(out.flatten(1)[~changed], x.flatten(1)[~changed])
+
+
+# -- SCAAT's ablation knobs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_sampled_mask_probability_averages_the_ratio_and_falls_with_rank(ratio: float) -> None:
+    from wsi_scaat.training.methods.scaat import sampled_mask_probability
+
+    r = (torch.arange(100_000, dtype=torch.float64) + 0.5) / 100_000
+    p = sampled_mask_probability(r, ratio)
+    assert p.mean().item() == pytest.approx(ratio, abs=1e-6)
+    assert (p.diff() <= 0).all() and p.min() >= 0 and p.max() <= 1
+    sal = torch.rand(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    mask, eps_map = scaat_mask_and_budget(sal, ratio, 0.1, 1.0, "sampled", torch.Generator().manual_seed(1))
+    assert abs(mask.mean().item() - ratio) < 0.03  # 4096 Bernoulli draws
+    low = sal.reshape(4, -1) < sal.reshape(4, -1).median(1, keepdim=True).values
+    assert mask.reshape(4, -1)[low].mean() > mask.reshape(4, -1)[~low].mean()  # less salient: more often
+    again, _ = scaat_mask_and_budget(sal, ratio, 0.1, 1.0, "sampled", torch.Generator().manual_seed(1))
+    assert torch.equal(mask, again)
+    lowest, eps_lowest = scaat_mask_and_budget(sal, ratio, 0.1, 1.0)
+    assert torch.equal(eps_map, eps_lowest)  # the budget does not depend on how the mask is drawn
+
+
+def test_gaussian_blur_keeps_constants_and_mass() -> None:
+    from wsi_scaat.training.methods.scaat import gaussian_blur
+
+    flat = torch.full((1, 3, 9, 9), 0.3)
+    assert torch.allclose(gaussian_blur(flat, 1.0), flat)
+    dot = torch.zeros(1, 1, 21, 21)
+    dot[0, 0, 10, 10] = 1.0
+    out = gaussian_blur(dot, 1.5)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-6) and out[0, 0, 10, 10] < 0.1
+    assert torch.allclose(out, out.flip(-1)) and torch.allclose(out, out.transpose(-1, -2))
+
+
+def test_bn_eval_uses_running_statistics_and_restores_train_mode() -> None:
+    from wsi_scaat.training.methods.scaat import bn_eval
+
+    model = TinyCNN().train()
+    bn = model.body[1]
+    x = toy_batch(8)[0]
+    with bn_eval(model, True):
+        assert not bn.training
+        eval_out = model(x)
+    assert bn.training and int(bn.num_batches_tracked) == 0
+    model.eval()
+    assert torch.allclose(model(x), eval_out)
+
+
+def test_attached_target_trains_the_clean_logits_through_the_kl_term() -> None:
+    """With detach_target=False the KL term has a gradient through the clean forward as well."""
+    from wsi_scaat.training.methods.scaat import kl_divergence
+
+    p = torch.randn(4, 3, requires_grad=True)
+    q = torch.randn(4, 3, requires_grad=True)
+    detached = kl_divergence(p, q, detach_p=True)
+    (gp,) = torch.autograd.grad(detached, p, allow_unused=True)
+    assert gp is None
+    attached = kl_divergence(p, q, detach_p=False)
+    (gp,) = torch.autograd.grad(attached, p)
+    assert gp.abs().sum() > 0
+    expected = F.kl_div(F.log_softmax(q, 1), F.softmax(p, 1), reduction="batchmean")
+    assert attached.item() == pytest.approx(expected.item(), rel=1e-6)

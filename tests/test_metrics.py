@@ -469,3 +469,132 @@ def test_road_matches_quantus(quantus) -> None:
     q = metric(model=net, x_batch=x, y_batch=y, a_batch=a.copy(), channel_first=True)
     ours = road(net, x, a, y, percentages=[p / 100 for p in percents], noise=0.0, score="correct")
     np.testing.assert_allclose(ours.mean(0).numpy(), [q[p] for p in percents], rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Localisation over valid (tissue) pixels
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_localisation_over_valid_pixels_equals_the_metric_on_those_pixels(seed: int) -> None:
+    """Leaving pixels out through ``valid`` equals computing the metric on the valid pixels alone."""
+    rng = np.random.default_rng(seed)
+    h, w = 6, 7
+    a = np.round(rng.random((h, w)) * 8) / 8  # ties included
+    m = rng.random((h, w)) < 0.4
+    v = rng.random((h, w)) < 0.7
+    v[0, 0] = True
+    got = {
+        fn.__name__: float(fn(a[None], m[None], v[None])[0])
+        for fn in (pointing_game, relevance_mass_accuracy, relevance_rank_accuracy, auroc_localisation)
+    }
+    # the valid pixels as a 1 x n "map", metric without valid
+    sub_a, sub_m = a[v][None, None, :], (m & v)[v][None, None, :]
+    for fn in (pointing_game, relevance_mass_accuracy, relevance_rank_accuracy, auroc_localisation):
+        expected = float(fn(sub_a, sub_m)[0])
+        assert (math.isnan(got[fn.__name__]) and math.isnan(expected)) or got[fn.__name__] == pytest.approx(
+            expected, abs=1e-12
+        ), fn.__name__
+
+
+def test_localisation_valid_exact() -> None:
+    a = torch.tensor([[[5.0, 1.0], [2.0, 3.0]]])
+    lesion = torch.tensor([[[0, 1], [1, 0]]])
+    glass = torch.tensor([[[0, 1], [1, 1]]])  # the top-left pixel (the maximum) is glass
+    assert pointing_game(a, lesion).item() == 0.0 and pointing_game(a, lesion, glass).item() == 0.0
+    assert relevance_mass_accuracy(a, lesion, glass).item() == pytest.approx(3 / 6)
+    # valid pixels: 1 (lesion), 2 (lesion), 3 (not): AUROC = P(lesion > non-lesion) = 0
+    assert auroc_localisation(a, lesion, glass).item() == 0.0
+    assert relevance_rank_accuracy(a, lesion, glass).item() == pytest.approx(0.5)  # top 2: 3, 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grid artefacts
+
+
+def test_parity_and_nyquist_exact() -> None:
+    from wsi_scaat.metrics.aliasing import nyquist_energy, parity_balance, parity_ratios, pool2, pool2_mask
+
+    striped = torch.zeros(1, 4, 4)
+    striped[:, 0::2] = 1.0  # mass on even rows only
+    flat = torch.ones(1, 4, 4)
+    assert parity_ratios(striped)[0].tolist() == [0.0, 1.0] and parity_balance(striped).item() == 0.0
+    assert parity_balance(flat).item() == 1.0
+    assert nyquist_energy(striped).item() == pytest.approx(1.0)  # all its variation is the alternation
+    ramp = torch.arange(16.0).reshape(1, 4, 4)
+    odd_rows, even_rows = (4 + 5 + 6 + 7) + (12 + 13 + 14 + 15), (0 + 1 + 2 + 3) + (8 + 9 + 10 + 11)
+    odd_cols, even_cols = (1 + 5 + 9 + 13) + (3 + 7 + 11 + 15), (0 + 4 + 8 + 12) + (2 + 6 + 10 + 14)
+    assert parity_ratios(ramp)[0].tolist() == pytest.approx([odd_rows / even_rows, odd_cols / even_cols])
+    assert nyquist_energy(ramp).item() < 0.2
+    pooled = pool2(striped)
+    assert pooled.shape == (1, 2, 2) and torch.equal(pooled, torch.full((1, 2, 2), 0.5, dtype=torch.float64))
+    from wsi_scaat.metrics import sparseness_gini
+
+    assert (
+        sparseness_gini(striped).item() > 0.4 and sparseness_gini(pooled).item() == 0.0
+    )  # the artefact goes
+    mask = torch.tensor([[[1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]])
+    assert pool2_mask(mask).tolist() == [[[False, True], [True, False]]]
+    assert pool2_mask(mask, "all").tolist() == [[[False, True], [False, False]]]
+    assert pool2_mask(mask, "any").tolist() == [[[True, True], [True, False]]]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model randomisation
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**31 - 1))
+def test_spearman_equals_scipy(seed: int) -> None:
+    from scipy.stats import spearmanr
+
+    from wsi_scaat.metrics.randomisation import spearman
+
+    rng = np.random.default_rng(seed)
+    a = np.round(rng.random((3, 5, 4)) * 6)  # ties
+    b = a + np.round(rng.standard_normal((3, 5, 4)) * 2)
+    got = spearman(a, b).numpy()
+    for k in range(3):
+        assert got[k] == pytest.approx(spearmanr(a[k].ravel(), b[k].ravel()).statistic, abs=1e-12)
+    assert np.isnan(spearman(np.ones((1, 4)), b[:1, :1, :4].reshape(1, 4)).item())
+
+
+def test_randomised_copy_is_seeded_and_leaves_the_model() -> None:
+    from wsi_scaat.metrics.randomisation import randomised_copy
+
+    net = small_cnn(3)
+    before = [p.clone() for p in net.parameters()]
+    state = torch.random.get_rng_state()
+    a, b = randomised_copy(net, 5), randomised_copy(net, 5)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(next(a.parameters()), next(net.parameters()))
+
+
+def test_randomisation_matches_quantus_mprt(quantus) -> None:
+    """Our figure equals the correlation Quantus's MPRT reports after randomising every layer."""
+    from wsi_scaat.metrics.randomisation import randomised_copy, spearman
+
+    net = small_cnn(3, classes=2)
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 3, 12, 12)).astype(np.float32)
+    y = np.array([0, 1, 0, 1, 1, 0])
+
+    def explain(model, inputs, targets, **kwargs):
+        xt = torch.as_tensor(inputs).requires_grad_(True)
+        out = model(xt)
+        (g,) = torch.autograd.grad(out.gather(1, torch.as_tensor(targets).long()[:, None]).sum(), xt)
+        return g.abs().sum(1, keepdim=True).detach().numpy()
+
+    a = explain(net, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        metric = quantus.MPRT(return_last_correlation=True, seed=41, disable_warnings=True,
+                              similarity_func=quantus.similarity_func.correlation_spearman)  # fmt: skip
+        q = metric(model=net, x_batch=x, y_batch=y, a_batch=a, explain_func=explain, channel_first=True)
+    q = np.asarray(q["last"] if isinstance(q, dict) else q, dtype=np.float64)
+    twin = randomised_copy(net, 42)
+    mine = spearman(a[:, 0], explain(twin, x, y)[:, 0]).numpy()
+    np.testing.assert_allclose(mine, q.ravel(), rtol=1e-6, atol=1e-9)

@@ -130,3 +130,35 @@ def test_count_parameters():
     for p in model.backbone.features.parameters():
         p.requires_grad_(False)
     assert count_parameters(model, trainable_only=True) == 32 * 2 + 2  # the linear head alone
+
+
+def test_antialiased_downsampling_removes_the_gradient_grid() -> None:
+    """Stride-2 convolutions put grid-frequency energy into input gradients; blur-then-stride and average
+    pooling do not (same seed, same inputs, untrained models)."""
+    from wsi_scaat.metrics.aliasing import nyquist_energy, parity_balance
+    from wsi_scaat.models.small_cnn import SmallCNN
+
+    x = torch.rand(16, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    figures = {}
+    for downsample in ("stride", "blur", "avgpool"):
+        torch.manual_seed(1)
+        model = SmallCNN(2, 8, downsample=downsample).eval()
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+        maps = grad.abs().sum(1)
+        figures[downsample] = (nyquist_energy(maps).mean().item(), parity_balance(maps).mean().item())
+        assert model(torch.rand(2, 3, 16, 16)).shape == (2, 2)  # the smallest input still works
+    for smooth in ("blur", "avgpool"):
+        assert figures[smooth][0] < 0.5 * figures["stride"][0], figures
+        assert figures[smooth][1] > 0.9, figures
+
+
+def test_blur_kernel_is_part_of_the_checkpoint() -> None:
+    """A blur model's state_dict holds the kernels, so it cannot silently load into a strided model."""
+    from wsi_scaat.models import ModelConfig, build_model
+
+    blur = build_model(ModelConfig(downsample="blur"), 2).state_dict()
+    strided = build_model(ModelConfig(downsample="stride"), 2)
+    assert any(k.endswith("kernel") for k in blur)
+    with pytest.raises(RuntimeError):
+        strided.load_state_dict(blur)

@@ -95,6 +95,9 @@ class TrainConfig(Section):
             raise ValueError(f"run name {name!r}: letters, digits, '.', '_', '-' only, and not a method name")
         changes = dict(spec)
         method = changes.pop("method", None)
+        seeds = changes.pop("seeds", 1)
+        if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= 100:
+            raise ValueError(f"run {name!r}: 'seeds' must be an integer from 1 to 100")
         if method not in METHOD_NAMES:
             raise ValueError(f"run {name!r}: 'method' must be one of {', '.join(METHOD_NAMES)}")
         if "runs" in changes or "methods" in changes:
@@ -125,18 +128,48 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     @property
-    def models(self) -> list[str]:
-        """Names of the models the workflow explains: the trained methods, or 'pretrained'."""
+    def runs(self) -> list[str]:
+        """The training runs: the methods of train.methods and the train.runs entries, or 'pretrained'."""
         if self.model_checkpoint is not None:
             return ["pretrained"]
         return list(self.train.methods) + list(self.train.runs)
 
+    def run_seeds(self, run: str) -> list[int]:
+        """The training seeds of ``run``: train.seed and the next ones, as many as it asks for."""
+        if run == "pretrained" and self.model_checkpoint is not None:
+            return [self.train.seed]
+        spec = self.train.runs.get(run, {})
+        count = int(spec.get("seeds", self.evaluate.seeds))
+        seed = int(spec.get("seed", self.train.seed))
+        return list(range(seed, seed + count))
+
+    def replicates(self, run: str) -> list[str]:
+        """The model names of ``run``, one per seed: the run's name, then ``<run>.s<seed>``."""
+        seeds = self.run_seeds(run)
+        return [run] + [f"{run}.s{seed}" for seed in seeds[1:]]
+
+    @property
+    def models(self) -> list[str]:
+        """Every model the workflow trains and evaluates: each run's replicates (or 'pretrained')."""
+        return [model for run in self.runs for model in self.replicates(run)]
+
+    def run_of(self, model: str) -> tuple[str, int]:
+        """The run and training seed of the model ``model``."""
+        for run in self.runs:
+            for name, seed in zip(self.replicates(run), self.run_seeds(run), strict=True):
+                if name == model:
+                    return run, seed
+        raise ConfigError("train", f"unknown model {model!r}; the config has {', '.join(self.models)}")
+
     def training_run(self, name: str) -> tuple[str, Config]:
-        """The method of the model ``name`` and the config that trains it (runs override train)."""
+        """The method of the model ``name`` and the config that trains it (runs and seeds override train)."""
+        run, seed = self.run_of(name) if name in self.models else (name, None)
         try:
-            method, settings = self.train.run_settings(name)
+            method, settings = self.train.run_settings(run)
         except ValueError as exc:
             raise ConfigError("train", str(exc)) from None
+        if seed is not None and seed != settings.seed:
+            settings = settings.model_copy(update={"seed": seed})
         if settings is self.train:
             return method, self
         return method, self.model_copy(update={"train": settings})

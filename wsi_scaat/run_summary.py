@@ -190,7 +190,7 @@ def collect(cfg: Config, slides: Iterable[SlideEntry]) -> list[SummaryRow]:
         if tile.status != "ok" or not _explained(cfg, entry):
             rows.append(tile)
             continue
-        rows += [_walk(cfg, entry, model) for model in cfg.models]
+        rows += [_walk(cfg, entry, model) for model in cfg.runs]  # per-slide exports: first seeds
     return rows
 
 

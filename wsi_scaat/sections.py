@@ -165,6 +165,35 @@ class EvaluateConfig(Section):
     )
     figure_patches: int = Field(6, ge=1, le=64, description="rows of the figure grid")
     seed: int = 0
+    seeds: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="training seeds per run (train.seed, train.seed + 1, ...); a train.runs entry may "
+        "set its own `seeds`; the first seed's model keeps the run's name, the others are <run>.s<seed>",
+    )
+    reference: str = Field("erm", description="run the tables compare every other run with (paired)")
+    bootstrap: int = Field(
+        2000, ge=100, le=100_000, description="bootstrap replicates (held-out slides and seeds resampled)"
+    )
+    mixed_fraction: tuple[float, float] = Field(
+        (0.1, 0.9), description="lesion fraction range of the patches patch-level localisation rests on"
+    )
+    tissue_classes: list[str] | None = Field(
+        None,
+        description="annotation classes whose union is tissue for localisation (e.g. tumour, stroma, "
+        "normal); null: the tiling's tissue mask",
+    )
+    randomisation: bool = Field(True, description="model-randomisation sanity check (Adebayo et al., 2018)")
+    road: bool = Field(True, description="ROAD (noisy linear imputation; the slowest faithfulness metric)")
+    reconstruction: bool = Field(True, description="reconstruction check (donor fill)")
+
+    @field_validator("mixed_fraction")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 1:
+            raise ValueError("two fractions 0 <= low < high <= 1")
+        return v
 
     @field_validator("road_percentages")
     @classmethod

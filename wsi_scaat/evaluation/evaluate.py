@@ -5,18 +5,28 @@ fraction, pixels), the model's saliency store (class probabilities, the maps the
 and the stitched heatmap, and measures:
 
 - classification: patch accuracy and AUROC of the stored probabilities against the store's labels;
-- complexity, on every patch: Gini sparseness and entropy of the saliency map;
-- localisation, on every patch that holds lesion (ground truth rasterised from the slide's GeoJSON
-  at map resolution): pointing game, relevance mass and rank accuracy, pixel AUROC;
+- complexity, on every patch: Gini sparseness and entropy of the saliency map, Gini also on the
+  2 x 2-pooled map; grid artefacts: the odd/even row and column mass balance and the Nyquist energy
+  (:mod:`wsi_scaat.metrics.aliasing`);
+- localisation, on the patches whose lesion fraction lies in ``evaluate.mixed_fraction`` (default
+  0.1-0.9), over their tissue pixels only (the union of ``evaluate.tissue_classes`` of the ground
+  truth, or else the tiling's tissue mask; glass is left out), ground truth rasterised from the
+  slide's GeoJSON at map resolution: pointing game, relevance mass and rank accuracy, pixel AUROC,
+  and relevance mass and AUROC on the 2 x 2-pooled maps; the pixels each rests on are counted;
 - faithfulness, on a seeded sample of at most ``evaluate.max_patches`` of the patches whose map
   explains their true class (the saliency store's ``target`` equals the label; half of them lesion
-  when there are enough): deletion and insertion AUC, ROAD (MoRF and LeRF) and the reconstruction
-  check, all for that class;
+  when there are enough): deletion AUC for the map's order and for a random order, and their gap
+  (random minus map: > 0 when the map orders pixels better than chance, whatever the model's general
+  sensitivity to blurring), insertion AUC, ROAD (MoRF and LeRF), the reconstruction check, and the
+  model-randomisation check (Spearman correlation of the maps of the trained and of a re-initialised
+  model; low is good);
 - at slide level: the AUROC of the stitched heatmap against the lesion mask inside the tissue, per
   slide and pooled over the slides with lesion.
 
-Writes ``<out>/models/<model>.json`` (the summary) and ``<out>/models/<model>.patches.csv`` (one row
-per patch and metric value, for paired comparisons), each atomically.
+Writes ``<out>/models/<model>.json`` (the summary), ``<out>/models/<model>.patches.csv`` (one row per
+patch: every per-patch value, for paired comparisons) and ``<out>/models/<model>.slides.npz`` (per
+slide histograms of heatmap values and class probabilities, for the pooled AUROCs' intervals), each
+atomically.
 """
 
 from __future__ import annotations
@@ -35,11 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from wsi_scaat import __version__
-from wsi_scaat.atomic import write_json, write_text
+from wsi_scaat.annotations import read_annotations
+from wsi_scaat.atomic import atomic_output, write_json, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.evaluation.groundtruth import LesionRegion
 from wsi_scaat.evaluation.slide_auroc import BINS, auroc_from_histograms, heatmap_histograms
+from wsi_scaat.evaluation.statistics import histogram_aggregates
 from wsi_scaat.manifest import read_manifest
 from wsi_scaat.metrics import (
     auroc,
@@ -54,14 +66,20 @@ from wsi_scaat.metrics import (
     road_auc,
     sparseness_gini,
 )
+from wsi_scaat.metrics.aliasing import nyquist_energy, parity_balance, pool2, pool2_mask
+from wsi_scaat.metrics.randomisation import randomised_copy, spearman
 from wsi_scaat.saliency.store import SUFFIX as SALIENCY_SUFFIX
 from wsi_scaat.saliency.store import open_saliency_store
 from wsi_scaat.store import open_store
 
 PATCH_METRICS = (
-    "gini", "entropy", "pointing_game", "relevance_mass", "relevance_rank", "auroc_localisation",
-    "deletion_auc", "insertion_auc", "road_morf", "road_lerf", "reconstruction_kept",
+    "correct", "gini", "entropy", "gini_pool2", "parity_balance", "nyquist_energy",
+    "pointing_game", "relevance_mass", "relevance_rank", "auroc_localisation",
+    "relevance_mass_pool2", "auroc_localisation_pool2", "loc_pixels", "loc_lesion_pixels",
+    "deletion_auc", "deletion_auc_random", "deletion_gap", "insertion_auc", "road_morf", "road_lerf",
+    "reconstruction_kept", "randomisation_spearman",
 )  # fmt: skip
+HIST_BINS = 1024  # bins of the per-slide histograms kept for the pooled AUROCs' bootstrap
 LOCALISATION = (
     ("pointing_game", pointing_game),
     ("relevance_mass", relevance_mass_accuracy),
@@ -170,10 +188,47 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _tissue_region(cfg: Config, annotations: Path | None) -> LesionRegion | None:
+    """The ground truth's tissue (union of ``evaluate.tissue_classes``), or None: use the tissue mask."""
+    classes = cfg.evaluate.tissue_classes
+    if not classes or annotations is None:
+        return None
+    return LesionRegion([p for name in classes for p in read_annotations(annotations, name)])
+
+
+def _mask_pixels(mask: np.ndarray, downsample: float, coords: np.ndarray, size0: float, m: int) -> np.ndarray:
+    """(N, m, m) bool: the tissue mask (pixel side ``downsample`` level-0 px) at the map pixels' centres."""
+    centre = (np.arange(m, dtype=np.float64) + 0.5) * (size0 / m)
+    cols = np.floor((coords[:, 0, None] + centre[None, :]) / downsample).astype(np.int64)
+    rows = np.floor((coords[:, 1, None] + centre[None, :]) / downsample).astype(np.int64)
+    cols, rows = cols.clip(0, mask.shape[1] - 1), rows.clip(0, mask.shape[0] - 1)
+    return mask[rows[:, :, None], cols[:, None, :]] > 0
+
+
+def _localisation(maps: torch.Tensor, lesion: np.ndarray, tissue: np.ndarray) -> dict[str, torch.Tensor]:
+    """Localisation of (B, m, m) maps against lesion masks over tissue pixels, raw and 2 x 2-pooled."""
+    gt, valid = torch.from_numpy(lesion), torch.from_numpy(tissue)
+    out = {name: fn(maps, gt, valid) for name, fn in LOCALISATION}
+    pooled, gt2, valid2 = pool2(maps), pool2_mask(gt & valid), pool2_mask(valid)
+    out["relevance_mass_pool2"] = relevance_mass_accuracy(pooled, gt2, valid2)
+    out["auroc_localisation_pool2"] = auroc_localisation(pooled, gt2, valid2)
+    out["loc_pixels"] = valid.sum((1, 2)).double()
+    out["loc_lesion_pixels"] = (gt & valid).sum((1, 2)).double()
+    return out
+
+
+def _random_maps(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Channel-summed |attribution| of ``x`` for ``target`` with the workflow's saliency method."""
+    from wsi_scaat.saliency import attribute
+
+    return attribute(model, x, target, cfg.saliency.method, **cfg.saliency.options).abs().sum(1)
+
+
 def evaluate_model(
     cfg: Config, model: str, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the held-out slides; writes ``models/<model>.json`` and ``.patches.csv``."""
+    """Evaluate ``model`` on the held-out slides; writes ``models/<model>.json``, ``.patches.csv`` and
+    ``.slides.npz``."""
     from wsi_scaat.saliency.stage import load_model
     from wsi_scaat.training.loop import resolve_device
 
@@ -192,15 +247,18 @@ def evaluate_model(
     rows: dict[str, dict[tuple[str, int], float]] = {m: {} for m in PATCH_METRICS}
     labels_all, probs_all, eligible = [], [], []
     hist_pos, hist_neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+    slide_hists = np.zeros((len(slides), 2, 2 * HIST_BINS))  # [heatmap, probability] x [pos | neg]
     per_slide = []
-    regions = {}
-    for s in slides:
+    low, high = ec.mixed_fraction
+    for k, s in enumerate(slides):
         region = LesionRegion.from_geojson(s.annotations, cfg.tiling.annotation_class)
-        regions[s.slide_id] = region
+        tissue_region = _tissue_region(cfg, s.annotations)
         with open_store(s.tiles) as tiles:
             labels = tiles.array("labels").astype(np.int64)
             lf = tiles.array("lesion_fraction") if "lesion_fraction" in tiles else labels.astype(np.float32)
             coords, size0 = tiles.coords, float(tiles.attrs["patch_size_level0"])
+            tissue_mask = tiles.array("tissue_mask") if "tissue_mask" in tiles else None
+            tissue_ds = float(tiles.attrs.get("tissue_downsample", 1.0))
         sal = open_saliency_store(s.saliency)
         probs = sal.array("probs")
         if len(probs) != len(labels):
@@ -208,25 +266,42 @@ def evaluate_model(
         labels_all.append(labels)
         probs_all.append(probs)
         eligible.append(sal.array("target") == labels)  # faithfulness: maps of the patch's true class
+        keys_all = [(s.slide_id, i) for i in range(len(labels))]
+        rows["correct"].update(zip(keys_all, (probs.argmax(1) == labels).astype(float).tolist(), strict=True))
         maps, m = sal.maps, int(sal.attrs["map_size"])
         for a in range(0, len(labels), READ_BATCH):
             b = min(a + READ_BATCH, len(labels))
             batch = _to_tensor(maps[a:b])
-            keys = [(s.slide_id, i) for i in range(a, b)]
-            for name, fn in (("gini", sparseness_gini), ("entropy", complexity_entropy)):
+            keys = keys_all[a:b]
+            for name, fn in (
+                ("gini", sparseness_gini), ("entropy", complexity_entropy),
+                ("gini_pool2", lambda t: sparseness_gini(pool2(t))),
+                ("parity_balance", parity_balance), ("nyquist_energy", nyquist_energy),
+            ):  # fmt: skip
                 rows[name].update(zip(keys, fn(batch).double().tolist(), strict=True))
-            has = np.flatnonzero(lf[a:b] > 0)
-            if len(has) and not region.empty:
-                gt = torch.from_numpy(region.patch_masks(coords[a + has], size0, m))
-                sub, sub_keys = batch[has], [keys[i] for i in has]
-                for name, fn in LOCALISATION:
-                    rows[name].update(zip(sub_keys, fn(sub, gt).double().tolist(), strict=True))
+            mixed = np.flatnonzero((lf[a:b] >= low) & (lf[a:b] <= high))
+            if len(mixed) and not region.empty:
+                at = coords[a + mixed]
+                gt = region.patch_masks(at, size0, m)
+                if tissue_region is not None:
+                    tissue = tissue_region.patch_masks(at, size0, m)
+                elif tissue_mask is not None:
+                    tissue = _mask_pixels(tissue_mask, tissue_ds, at, size0, m)
+                else:
+                    tissue = np.ones_like(gt)
+                sub_keys = [keys[i] for i in mixed]
+                for name, v in _localisation(batch[mixed], gt, tissue).items():
+                    rows[name].update(zip(sub_keys, v.double().tolist(), strict=True))
         slide_auc = float("nan")
         if not region.empty:
             pos, neg = heatmap_histograms(s.heatmap, s.saliency, region)
             hist_pos += pos
             hist_neg += neg
             slide_auc = auroc_from_histograms(pos, neg)
+            slide_hists[k, 0] = np.concatenate([_coarse(pos), _coarse(neg)])
+        p = probs[:, lesion_class].astype(np.float64)
+        slide_hists[k, 1] = histogram_aggregates(np.zeros(len(p), np.int64), p, labels == lesion_class, 1,
+                                                 HIST_BINS)[0]  # fmt: skip
         per_slide.append(
             {
                 "slide_id": s.slide_id,
@@ -238,8 +313,10 @@ def evaluate_model(
         log(f"{model}: {s.slide_id}: {len(labels)} patches, heatmap AUROC {slide_auc:.3f}")
 
     chosen = _sample(labels_all, eligible, ec.max_patches, ec.seed)
-    donors = _donors(slides, labels_all, ec.seed)
+    donors = _donors(slides, labels_all, ec.seed) if ec.reconstruction else None
     gen = torch.Generator().manual_seed(ec.seed)
+    noise = torch.Generator().manual_seed(ec.seed + 7)  # the random deletion order, same for every model
+    twin = randomised_copy(net, ec.seed) if ec.randomisation else None
     for s, idx in zip(slides, chosen, strict=True):
         sal = open_saliency_store(s.saliency)
         target_all = sal.array("target")
@@ -251,23 +328,31 @@ def evaluate_model(
                 target = torch.from_numpy(target_all[sel]).long()
                 keys = [(s.slide_id, int(i)) for i in sel]
                 x, attr_d, target_d = x.to(dev), attr.to(dev), target.to(dev)
+                order = torch.rand(attr.shape, generator=noise).to(dev)
+                steps = ec.deletion_steps
                 values = {
-                    "deletion_auc": deletion_auc(net, x, attr_d, target_d, steps=ec.deletion_steps),
-                    "insertion_auc": insertion_auc(net, x, attr_d, target_d, steps=ec.deletion_steps),
-                    "road_morf": road_auc(net, x, attr_d, target_d, percentages=ec.road_percentages,
-                                          order="morf", seed=ec.seed),
-                    "road_lerf": road_auc(net, x, attr_d, target_d, percentages=ec.road_percentages,
-                                          order="lerf", seed=ec.seed),
-                }  # fmt: skip
-                rec = reconstruction_check(
-                    net,
-                    x,
-                    attr_d,
-                    donors.to(dev),
-                    keep=ec.reconstruction_keep,
-                    seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
-                )
-                values["reconstruction_kept"] = rec.unchanged[:, 0].double()
+                    "deletion_auc": deletion_auc(net, x, attr_d, target_d, steps=steps),
+                    "deletion_auc_random": deletion_auc(net, x, order, target_d, steps=steps),
+                    "insertion_auc": insertion_auc(net, x, attr_d, target_d, steps=steps),
+                }
+                values["deletion_gap"] = values["deletion_auc_random"] - values["deletion_auc"]
+                if ec.road:
+                    for name, direction in (("road_morf", "morf"), ("road_lerf", "lerf")):
+                        values[name] = road_auc(net, x, attr_d, target_d, percentages=ec.road_percentages,
+                                                order=direction, seed=ec.seed)  # fmt: skip
+                if donors is not None:
+                    rec = reconstruction_check(
+                        net,
+                        x,
+                        attr_d,
+                        donors.to(dev),
+                        keep=ec.reconstruction_keep,
+                        seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)),
+                    )
+                    values["reconstruction_kept"] = rec.unchanged[:, 0].double()
+                if twin is not None:
+                    trained = _random_maps(net, x, target_d, cfg)
+                    values["randomisation_spearman"] = spearman(trained, _random_maps(twin, x, target_d, cfg))
                 for name, v in values.items():
                     rows[name].update(zip(keys, v.detach().double().cpu().tolist(), strict=True))
         log(f"{model}: {s.slide_id}: faithfulness on {len(idx)} patches")
@@ -275,8 +360,9 @@ def evaluate_model(
     labels_cat = np.concatenate(labels_all)
     probs_cat = np.concatenate(probs_all)
     method, knobs = strength_label(cfg, model)
+    run, seed = cfg.run_of(model)
     summary: dict[str, Any] = {
-        "model": model, "method": method, "knobs": knobs, "checkpoint": str(ckpt),
+        "model": model, "run": run, "seed": seed, "method": method, "knobs": knobs, "checkpoint": str(ckpt),
         "saliency_method": cfg.saliency.method, "saliency_target": cfg.saliency.target,
         "splits": list(ec.splits), "n_slides": len(slides), "n_patches": int(len(labels_cat)),
         "accuracy": float((probs_cat.argmax(1) == labels_cat).mean()) if len(labels_cat) else None,
@@ -291,10 +377,20 @@ def evaluate_model(
         summary[name] = _finite(mean)
         summary[f"{name}_ci95"] = _finite(half)
         summary[f"{name}_n"] = n
+    for name in ("loc_pixels", "loc_lesion_pixels"):  # what the localisation figures rest on: totals
+        summary[f"{name}_total"] = int(np.nansum(list(rows[name].values())))
     out = Path(out_dir) / "models"
     write_text(out / f"{model}.patches.csv", _patch_csv(model, rows))
+    with atomic_output(out / f"{model}.slides.npz") as tmp, tmp.open("wb") as fh:
+        np.savez_compressed(fh, slide_ids=np.array([s.slide_id for s in slides]), heatmap=slide_hists[:, 0],
+                            probability=slide_hists[:, 1])  # fmt: skip
     write_json(out / f"{model}.json", summary)
     return summary
+
+
+def _coarse(hist: np.ndarray) -> np.ndarray:
+    """A ``BINS`` histogram summed into ``HIST_BINS`` bins."""
+    return np.asarray(hist, np.float64).reshape(HIST_BINS, -1).sum(1)
 
 
 def _donors(slides: list[EvalSlide], labels: list[np.ndarray], seed: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,36 @@ from wsi_scaat.atomic import atomic_output, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.evaluation.evaluate import PATCH_METRICS, eval_slides, load_summaries
 from wsi_scaat.evaluation.groundtruth import LesionRegion
+from wsi_scaat.evaluation.statistics import (
+    Interval,
+    auroc_statistic,
+    bootstrap,
+    mean_statistic,
+    patch_aggregates,
+)
 
-# (key, column title, True when higher is better) of the markdown table, in order.
+# (key, column title, True when higher is better, statistic) of the tables, in order. "mean": mean of a
+# per-patch value; "auroc:<histogram>": pooled AUROC of the per-slide histograms of <model>.slides.npz.
 COLUMNS = (
-    ("accuracy", "accuracy", True),
-    ("auroc", "AUROC", True),
-    ("gini", "Gini", True),
-    ("entropy", "entropy", False),
-    ("deletion_auc", "deletion AUC", False),
-    ("insertion_auc", "insertion AUC", True),
-    ("road_morf", "ROAD MoRF", False),
-    ("road_lerf", "ROAD LeRF", True),
-    ("reconstruction_kept", "reconstruction kept", True),
-    ("pointing_game", "pointing game", True),
-    ("relevance_mass", "relevance mass", True),
-    ("relevance_rank", "relevance rank", True),
-    ("auroc_localisation", "patch loc. AUROC", True),
-    ("heatmap_auroc", "slide heatmap AUROC", True),
+    ("accuracy", "accuracy", True, "mean:correct"),
+    ("auroc", "AUROC", True, "auroc:probability"),
+    ("gini", "Gini", True, "mean:gini"),
+    ("gini_pool2", "Gini 2x2", True, "mean:gini_pool2"),
+    ("parity_balance", "row/col balance", True, "mean:parity_balance"),
+    ("deletion_gap", "deletion gap", True, "mean:deletion_gap"),
+    ("deletion_auc", "deletion AUC", False, "mean:deletion_auc"),
+    ("insertion_auc", "insertion AUC", True, "mean:insertion_auc"),
+    ("road_morf", "ROAD MoRF", False, "mean:road_morf"),
+    ("randomisation_spearman", "randomisation ρ", False, "mean:randomisation_spearman"),
+    ("auroc_localisation", "loc. AUROC", True, "mean:auroc_localisation"),
+    ("auroc_localisation_pool2", "loc. AUROC 2x2", True, "mean:auroc_localisation_pool2"),
+    ("relevance_mass", "relevance mass", True, "mean:relevance_mass"),
+    ("pointing_game", "pointing game", True, "mean:pointing_game"),
+    ("heatmap_auroc", "slide heatmap AUROC", True, "auroc:heatmap"),
 )
 CSV_FIELDS = [
-    *("model", "method", "knobs", "n_slides", "n_patches", "accuracy", "auroc", "heatmap_auroc"),
+    *("model", "run", "seed", "method", "knobs", "n_slides", "n_patches", "accuracy", "auroc"),
+    *("heatmap_auroc", "loc_pixels_total", "loc_lesion_pixels_total"),
     *PATCH_METRICS,
     *(f"{m}_ci95" for m in PATCH_METRICS),
     *(f"{m}_n" for m in PATCH_METRICS),
@@ -48,7 +59,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def metrics_csv(summaries: list[dict[str, Any]]) -> str:
-    """One row per model: every figure of the summaries, with 95% half-widths and counts."""
+    """One row per model: every figure of the summaries, with 95% half-widths (over patches) and counts."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
@@ -57,38 +68,148 @@ def metrics_csv(summaries: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def metrics_markdown(summaries: list[dict[str, Any]]) -> str:
-    """A markdown table (one row per model; best value of each column in bold) and its legend."""
-    head = ["model", *(f"{title} {'↑' if up else '↓'}" for _, title, up in COLUMNS)]
+@dataclass
+class ModelData:
+    """What the bootstrap needs of one model: per-slide aggregates of every column's statistic."""
+
+    name: str
+    aggregates: dict[str, np.ndarray]  # column key -> (n_slides, F)
+
+
+def load_model_data(out_dir: Path, model: str, slide_ids: list[str]) -> ModelData:
+    """Per-slide aggregates of ``model`` from its ``patches.csv`` and ``slides.npz``."""
+    index = {sid: k for k, sid in enumerate(slide_ids)}
+    folder = out_dir / "models"
+    with (folder / f"{model}.patches.csv").open(newline="", encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    slide = np.array([index[r["slide_id"]] for r in table], dtype=np.int64)
+    aggs: dict[str, np.ndarray] = {}
+    hists = np.load(folder / f"{model}.slides.npz")
+    order = [list(hists["slide_ids"]).index(sid) for sid in slide_ids]
+    for key, _, _, stat in COLUMNS:
+        kind, source = stat.split(":")
+        if kind == "mean":
+            values = np.array(
+                [float(r[source]) if r.get(source) not in (None, "") else np.nan for r in table]
+            )
+            aggs[key] = patch_aggregates(slide, values, len(slide_ids))
+        else:
+            aggs[key] = np.asarray(hists[source], np.float64)[order]
+    return ModelData(model, aggs)
+
+
+def _stat(key: str):
+    return auroc_statistic if dict((c[0], c[3]) for c in COLUMNS)[key].startswith("auroc") else mean_statistic
+
+
+@dataclass
+class RunRow:
+    """One run of the tables: its seeds' models and, per column, the estimate and the paired difference."""
+
+    run: str
+    label: str
+    models: list[str]
+    values: dict[str, Interval]
+    differences: dict[str, Interval]
+
+
+def run_rows(cfg: Config, out_dir: Path, summaries: list[dict[str, Any]]) -> list[RunRow]:
+    """Per run: the mean over seeds of every column with its bootstrap interval, and the paired
+    difference to ``evaluate.reference`` (resampling held-out slides and seeds)."""
+    ec = cfg.evaluate
+    slide_ids = [r["slide_id"] for r in summaries[0]["per_slide"]]
+    by_model = {s["model"]: s for s in summaries}
+    data = {m: load_model_data(out_dir, m, slide_ids) for m in by_model}
+    runs = [r for r in cfg.runs if all(m in data for m in cfg.replicates(r))]
+    reference = ec.reference if ec.reference in runs else None
+    rows = []
+    for run in runs:
+        models = cfg.replicates(run)
+        first = by_model[models[0]]
+        label = run + (f" ({first['knobs']})" if first.get("knobs") else "")
+        values, diffs = {}, {}
+        for key, *_ in COLUMNS:
+            aggs = [data[m].aggregates[key] for m in models]
+            values[key] = bootstrap(aggs, _stat(key), n_boot=ec.bootstrap, seed=ec.seed)
+            if reference is not None and run != reference:
+                ref = [data[m].aggregates[key] for m in cfg.replicates(reference)]
+                diffs[key] = bootstrap(aggs, _stat(key), ref, n_boot=ec.bootstrap, seed=ec.seed)
+        rows.append(RunRow(run, label, models, values, diffs))
+    return rows
+
+
+def runs_csv(rows: list[RunRow]) -> str:
+    """One row per run: per column, estimate and 95% interval, and the paired difference to the reference."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    head = ["run", "n_seeds", "models"]
+    for key, *_ in COLUMNS:
+        head += [key, f"{key}_low", f"{key}_high", f"{key}_diff", f"{key}_diff_low", f"{key}_diff_high"]
+    w.writerow(head)
+    for r in rows:
+        line: list[Any] = [r.run, len(r.models), " ".join(r.models)]
+        for key, *_ in COLUMNS:
+            v, d = r.values[key], r.differences.get(key)
+            line += [f"{x:.6g}" for x in (v.estimate, v.low, v.high)]
+            line += [f"{x:.6g}" for x in (d.estimate, d.low, d.high)] if d else ["", "", ""]
+        w.writerow(line)
+    return buf.getvalue()
+
+
+def metrics_markdown(cfg: Config, rows: list[RunRow], summaries: list[dict[str, Any]]) -> str:
+    """Two markdown tables (runs with 95% intervals; paired differences to the reference) and a legend."""
+    ec = cfg.evaluate
+    keys = [c for c in COLUMNS if any(np.isfinite(r.values[c[0]].estimate) for r in rows)]
+    head = ["run", "seeds", *(f"{title} {'↑' if up else '↓'}" for _, title, up, _ in keys)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     best = {}
-    for key, _, up in COLUMNS:
-        vals = [s.get(key) for s in summaries if isinstance(s.get(key), float | int)]
+    for key, _, up, _ in keys:
+        vals = [r.values[key].estimate for r in rows if np.isfinite(r.values[key].estimate)]
         if len(vals) > 1:
             best[key] = max(vals) if up else min(vals)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summaries:
-        name = s["model"] + (f" ({s['knobs']})" if s.get("knobs") else "")
-        cells = [name]
-        for key, _, _ in COLUMNS:
-            text = _fmt(s.get(key))
-            if s.get(f"{key}_ci95") is not None:
-                text += f" ± {_fmt(s[f'{key}_ci95'])}"
-            if key in best and s.get(key) == best[key]:
-                text = f"**{text}**"
-            cells.append(text)
+    for r in rows:
+        cells = [r.label, str(len(r.models))]
+        for key, *_ in keys:
+            v = r.values[key]
+            text = _fmt(v.estimate) + (f" [{_fmt(v.low)}, {_fmt(v.high)}]" if np.isfinite(v.low) else "")
+            cells.append(f"**{text}**" if best.get(key) == v.estimate else text)
         lines.append("| " + " | ".join(cells) + " |")
+    diff_rows = [r for r in rows if r.differences]
+    if diff_rows:
+        ref = ec.reference
+        lines += ["", f"Paired difference to `{ref}` (run minus {ref}; *: the 95% interval excludes 0):", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in diff_rows:
+            cells = [r.label, str(len(r.models))]
+            for key, *_ in keys:
+                d = r.differences[key]
+                mark = "*" if d.excludes_zero else ""
+                cells.append(f"{d.estimate:+.3f}{mark} [{d.low:+.3f}, {d.high:+.3f}]" if np.isfinite(d.low)
+                             else _fmt(d.estimate))  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
     first = summaries[0] if summaries else {}
-    n = {k: first.get(f"{k}_n") for k in ("gini", "pointing_game", "deletion_auc")}
+    n = {
+        k: first.get(f"{k}_n")
+        for k in ("gini", "auroc_localisation", "deletion_auc", "randomisation_spearman")
+    }
     lines += [
         "",
         f"Held-out slides: {first.get('n_slides')} (splits {', '.join(first.get('splits', []))}), "
         f"{first.get('n_patches')} patches; saliency: {first.get('saliency_method')} of class "
-        f"'{first.get('saliency_target')}'. ± is the 95% normal-approximation interval over patches. "
-        f"Complexity on every patch (n = {n['gini']}), localisation on the patches holding lesion "
-        f"(n = {n['pointing_game']}), faithfulness and reconstruction on a seeded sample of patches whose "
-        f"map explains their true class (n = {n['deletion_auc']}). The slide heatmap AUROC pools the "
-        f"tissue pixels of the held-out slides with lesion. ↑: higher is better; ↓: lower is better; "
-        f"bold: best of the column.",
+        f"'{first.get('saliency_target')}'. Values: mean over the seeds of each run; [ ]: 95% bootstrap "
+        f"interval ({ec.bootstrap} replicates resampling held-out slides, and each run's seeds; paired "
+        f"differences resample the same slides for both runs). Complexity on every patch (n = {n['gini']}); "
+        f"Gini 2x2 and loc. AUROC 2x2 on 2 x 2-pooled maps; row/col balance: the smaller odd/even mass "
+        f"ratio of rows and columns (1: no grid artefact). Localisation on the patches with lesion fraction "
+        f"{ec.mixed_fraction[0]:g}-{ec.mixed_fraction[1]:g} (n = {n['auroc_localisation']} of the first "
+        f"model), over their tissue pixels only ({first.get('loc_pixels_total')} pixels, "
+        f"{first.get('loc_lesion_pixels_total')} of them lesion). Faithfulness on a seeded sample of "
+        f"patches whose map explains their true class (n = {n['deletion_auc']}); deletion gap: deletion "
+        f"AUC for a random pixel order minus for the map's order (higher: the map orders pixels better "
+        f"than chance). Randomisation ρ: Spearman correlation of the maps of the model and of the same "
+        f"architecture re-initialised (n = {n['randomisation_spearman']}; lower: the maps depend on what "
+        f"was learned). The slide heatmap AUROC pools the tissue pixels of the held-out slides with "
+        f"lesion. ↑: higher is better; ↓: lower is better; bold: best of the column.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -157,39 +278,48 @@ def figure_grid(cfg: Config, models: list[str], out: Path) -> Path:
     return out
 
 
-def tradeoff_plot(summaries: list[dict[str, Any]], out: Path) -> Path:
-    """2 x 2 scatter, one point per model: Gini and deletion AUC against accuracy and heatmap AUROC."""
+TRADEOFF_PANELS = (
+    ("accuracy", "deletion_gap"),
+    ("accuracy", "auroc_localisation"),
+    ("deletion_gap", "auroc_localisation"),
+    ("accuracy", "gini_pool2"),
+)
+
+
+def tradeoff_plot(cfg: Config, rows: list[RunRow], out: Path) -> Path:
+    """2 x 2 scatter, one point per run (mean over seeds, 95% bootstrap intervals as error bars):
+    accuracy, deletion gap, tissue localisation AUROC and pooled Gini against each other."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(9, 7.5))
-    methods = sorted({s["method"] for s in summaries})
+    from wsi_scaat.evaluation.evaluate import strength_label
+
+    titles = {key: f"{title} {'↑' if up else '↓'}" for key, title, up, _ in COLUMNS}
+    method = {r.run: strength_label(cfg, r.models[0])[0] for r in rows}
+    methods = sorted(set(method.values()))
     colors = {m: plt.get_cmap("tab10")(k) for k, m in enumerate(methods)}
-    for (r, ykey, ylabel), (c, xkey, xlabel) in (
-        (yy, xx)
-        for yy in ((0, "gini", "Gini sparseness ↑"), (1, "deletion_auc", "deletion AUC ↓"))
-        for xx in ((0, "accuracy", "patch accuracy ↑"), (1, "heatmap_auroc", "slide heatmap AUROC ↑"))
-    ):
-        ax = axes[r, c]
-        for s in summaries:
-            x, y = s.get(xkey), s.get(ykey)
-            if x is None or y is None:
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8))
+    for ax, (xkey, ykey) in zip(axes.flat, TRADEOFF_PANELS, strict=True):
+        for r in rows:
+            x, y = r.values[xkey], r.values[ykey]
+            if not (np.isfinite(x.estimate) and np.isfinite(y.estimate)):
                 continue
-            ax.scatter(
-                [x],
-                [y],
-                color=colors[s["method"]],
-                s=30,
-                label=s["method"] if s["method"] not in ax.get_legend_handles_labels()[1] else None,
+            xerr = [[x.estimate - x.low], [x.high - x.estimate]] if np.isfinite(x.low) else None
+            yerr = [[y.estimate - y.low], [y.high - y.estimate]] if np.isfinite(y.low) else None
+            m = method[r.run]
+            seen = ax.get_legend_handles_labels()[1]
+            ax.errorbar([x.estimate], [y.estimate], xerr=xerr, yerr=yerr, fmt="o", ms=4, color=colors[m],
+                        elinewidth=0.8, capsize=2, label=m if m not in seen else None)  # fmt: skip
+            ax.annotate(
+                r.run, (x.estimate, y.estimate), fontsize=6, xytext=(3, 3), textcoords="offset points"
             )
-            ax.annotate(s["model"], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(titles[xkey])
+        ax.set_ylabel(titles[ykey])
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    fig.suptitle("Trade-offs: one point per trained model (held-out slides)")
+    fig.suptitle("Trade-offs on the held-out slides: one point per run, mean over seeds, 95% intervals")
     fig.tight_layout()
     with atomic_output(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -198,14 +328,19 @@ def tradeoff_plot(summaries: list[dict[str, Any]], out: Path) -> Path:
 
 
 def write_report(cfg: Config, out_dir: str | Path, models: list[str]) -> dict[str, Path]:
-    """metrics.csv, metrics.md, figure_grid.png and tradeoff.png of ``models`` in ``out_dir``."""
+    """metrics.csv (per model), runs.csv and metrics.md (per run, with intervals), figure_grid.png and
+    tradeoff.png of ``models`` in ``out_dir``."""
     out_dir = Path(out_dir)
     summaries = load_summaries(out_dir, models)
+    rows = run_rows(cfg, out_dir, summaries)
     write_text(out_dir / "metrics.csv", metrics_csv(summaries))
-    write_text(out_dir / "metrics.md", metrics_markdown(summaries))
+    write_text(out_dir / "runs.csv", runs_csv(rows))
+    write_text(out_dir / "metrics.md", metrics_markdown(cfg, rows, summaries))
+    primary = [m for m in models if m in cfg.runs]
     return {
         "csv": out_dir / "metrics.csv",
+        "runs": out_dir / "runs.csv",
         "markdown": out_dir / "metrics.md",
-        "figure_grid": figure_grid(cfg, models, out_dir / "figure_grid.png"),
-        "tradeoff": tradeoff_plot(summaries, out_dir / "tradeoff.png"),
+        "figure_grid": figure_grid(cfg, primary or models, out_dir / "figure_grid.png"),
+        "tradeoff": tradeoff_plot(cfg, rows, out_dir / "tradeoff.png"),
     }

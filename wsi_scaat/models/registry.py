@@ -35,6 +35,11 @@ class ModelConfig(Section):
     name: Literal["small_cnn", "resnet18", "efficientnet_b0"] = Field("small_cnn", description="backbone")
     width: int = Field(32, ge=4, le=1024, description="base channels of small_cnn")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before small_cnn's linear head")
+    downsample: Literal["stride", "blur", "avgpool"] = Field(
+        "stride",
+        description="how small_cnn halves the resolution: stride-2 convolutions (their input gradients "
+        "alias onto the pixel grid), blur then stride (anti-aliased), or average pooling",
+    )
     weights: Path | None = Field(
         None, description="local state_dict or checkpoint (key 'model') to start from; None = random init"
     )
@@ -63,7 +68,7 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 @register("small_cnn")
 def _small_cnn(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    return SmallCNN(num_classes, width=cfg.width, dropout=cfg.dropout)
+    return SmallCNN(num_classes, width=cfg.width, dropout=cfg.dropout, downsample=cfg.downsample)
 
 
 @register("resnet18")

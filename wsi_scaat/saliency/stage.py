@@ -40,7 +40,8 @@ def load_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.M
     from wsi_scaat.models import ModelConfig, build_model
 
     state = load_checkpoint(checkpoint, map_location="cpu")
-    cfg = ModelConfig(**{**state["model_config"], "weights": None})
+    # checkpoints from before `downsample` existed were all strided
+    cfg = ModelConfig(**{"downsample": "stride", **state["model_config"], "weights": None})
     model = build_model(cfg, len(state["class_names"]))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), state
