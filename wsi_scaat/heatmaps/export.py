@@ -175,7 +175,8 @@ def _summary(
         f"slide        {hm.slide_id}",
         f"model        {attrs.get('model_method', '?')}",
         f"saliency     {attrs.get('saliency_method', '?')} (target {attrs.get('saliency_target', '?')})",
-        f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px at level 0)",
+        f"patches      {n}  ({attrs.get('patch_size_out', attrs.get('patch_size', '?'))} px, "
+        f"{hm.mpp:g} um/px at level 0)",
         f"mean P({positive})  {patches.probs[:, -1].mean():.3f}" if n else f"mean P({positive})  n/a",
         f"high saliency  {100 * high_fraction:.1f}% of tissue (>= {threshold:g})",
         f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",
