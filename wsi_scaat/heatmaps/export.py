@@ -3,8 +3,9 @@
 :func:`export_slide` reads a heatmap pyramid (``<slide_id>.heatmap.zarr``, see the contract in
 :mod:`wsi_scaat.heatmaps`), its saliency store and the slide, and writes into ``out_dir``:
 
-- ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (uint8 and
-  colour-mapped RGB) with the slide's level-0 size and mpp (:mod:`~wsi_scaat.heatmaps.ometiff`);
+- ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (grey RGB,
+  R = G = B = round(255 v), and colour-mapped) with the slide's level-0 size and mpp
+  (:mod:`~wsi_scaat.heatmaps.ometiff`);
 - ``.thumbnail.png``, ``.heatmap.png``, ``.overlay.png``, ``.figure.png`` on one pixel grid
   (:mod:`~wsi_scaat.heatmaps.figures`);
 - ``.tiles.geojson`` (one tile per patch) and ``.regions.geojson`` (high-saliency outlines) for
