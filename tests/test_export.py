@@ -318,3 +318,66 @@ def test_failed_export_leaves_nothing(case: dict, tmp_path: Path, monkeypatch: p
     with pytest.raises(RuntimeError, match="killed"):
         export.export_slide(case["heatmap"], case["store"], out, thumbnail_size=128, tile_size=256)
     assert list(out.iterdir()) == []
+
+
+REGION_MEASUREMENTS = ("area_um2", "n_patches", "prob_mean", "saliency_max", "saliency_mean")
+
+
+def test_qupath_reads_tiles_and_regions(case: dict, qupath_read) -> None:
+    """QuPath's own parser (qupath-core) makes locked tiles and one saliency-high annotation."""
+    tiles, regions = qupath_read(case["out"]["tiles"], case["out"]["regions"])
+    n = len(case["coords"])
+    assert tiles == {
+        "file": str(case["out"]["tiles"]), "objects": n, "types": {"PathTileObject": n},
+        "classes": {"none": n}, "locked": n, "named": n, "in_hierarchy": n,
+        "measurements": {k: n for k in ("prob_normal", "prob_tumour", "saliency_max", "saliency_mean")},
+        "first_bounds": {"x": float(case["coords"][0, 0]), "y": float(case["coords"][0, 1]),
+                         "width": float(PATCH0), "height": float(PATCH0), "area": float(PATCH0**2),
+                         "roi": "Rectangle"},
+    }  # fmt: skip
+    y0, y1, x0, x1 = SQUARE
+    poly = shape(json.loads(case["out"]["regions"].read_text())["features"][0]["geometry"])
+    bounds = regions.pop("first_bounds")
+    assert regions == {
+        "file": str(case["out"]["regions"]), "objects": 1, "types": {"PathAnnotationObject": 1},
+        "classes": {"saliency-high #e6321e": 1}, "locked": 0, "named": 1, "in_hierarchy": 1,
+        "measurements": dict.fromkeys(REGION_MEASUREMENTS, 1),
+    }  # fmt: skip
+    assert (bounds["x"], bounds["y"], bounds["x"] + bounds["width"], bounds["y"] + bounds["height"]) == (
+        pytest.approx(poly.bounds, abs=1e-3)
+    )
+    assert bounds["area"] == pytest.approx(poly.area, rel=1e-6) and abs(bounds["x"] - x0) <= HD
+    assert abs(bounds["y"] - y0) <= HD and abs(bounds["width"] - (x1 - x0)) <= 2 * HD
+
+
+def test_qupath_reimport_keeps_user_objects(case: dict, tmp_path: Path, qupath_groovy) -> None:
+    """The import script, run twice on an ``s1.ome.tif`` image with QuPath's hierarchy code.
+
+    Between the runs a user detects a cell inside a saliency-high region (the region's child) and
+    draws an annotation: the re-import replaces tiles and regions and keeps both.
+    """
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    for key in ("tiles", "regions"):
+        shutil.copy(case["out"][key], tmp_path)
+    image = tmp_path / "s1.ome.tif"  # QuPath names it "s1", like the slide id
+    image.write_bytes(b"")
+    run = qupath_groovy(
+        repo / "tests" / "qupath" / "run_import_script.groovy",
+        repo / "scripts" / "qupath" / "import_wsi_scaat.groovy",
+        image,
+    )
+    assert run.returncode == 0, run.stderr
+    states = [json.loads(line[6:]) for line in run.stdout.splitlines() if line.startswith("STATE ")]
+    n = len(case["coords"])
+    first, added, again = states
+    assert first == {"step": "first import", "objects": n + 1, "tiles": n, "regions": 1}
+    assert added["cell_present"] and added["cell_parent"] == "saliency-high" and added["objects"] == n + 3
+    assert again == {
+        "step": "re-import", "objects": n + 3, "tiles": n, "regions": 1,
+        "cell_present": True, "cell_parent": "root", "annotation_present": True,
+    }  # fmt: skip
+    assert f"Removed {n + 1} objects of an earlier import; kept 1 made inside them" in run.stdout
+    assert "deprecated" not in run.stderr.lower()  # what qupath-core logs for its deprecated calls
+    assert run.stdout.splitlines()[-1] == 'QP_CALLS ["getCurrentImageData"]'  # the rest: hierarchy calls
