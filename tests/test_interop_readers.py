@@ -186,5 +186,9 @@ def test_version1_store_stays_readable(synth_slide: tuple[Path, Path], tmp_path:
         assert s.patch_size == 64 and s.attrs["patch_size_out"] == 64
     with h5py.File(store, "r+") as f:
         f.attrs["store_version"] = 2
-    with pytest.raises(StoreError, match="patch_size_out"):
+    with pytest.raises(StoreError, match="store version 2 without attribute patch_size_out"):
+        open_store(store)
+    with h5py.File(store, "r+") as f:  # the failed open closed the file: it opens for writing
+        f.attrs["store_version"] = 3
+    with pytest.raises(StoreError, match="store version 3 is newer than this wsi-scaat reads"):
         open_store(store)

@@ -198,6 +198,15 @@ class PatchStore:
             raise
         except Exception as exc:
             raise StoreError(self.path, f"cannot open patch store: {exc}") from exc
+        try:
+            self._check_layout()
+        except StoreError:
+            self.close()
+            raise
+        self.coords = np.asarray(self._h["coords"][...], dtype=np.int64)
+
+    def _check_layout(self) -> None:
+        """Refuse what is not a patch store this version reads; give version 1 ``patch_size_out``."""
         missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
         if missing:
             raise StoreError(self.path, f"not a wsi-scaat patch store (missing attributes {missing})")
@@ -217,7 +226,6 @@ class PatchStore:
             raise StoreError(
                 self.path, f"patch_size_out {self.attrs['patch_size_out']} differs from the {side}-px imgs"
             )
-        self.coords = np.asarray(self._h["coords"][...], dtype=np.int64)
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
