@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,90 @@ def slides_dir() -> Path:
     if not (path / "cmu-1-small-region.svs").is_file():
         pytest.skip(f"real test slides not found at {path} (set WSI_SCAAT_TEST_SLIDES)")
     return path
+
+
+QUPATH_TOOL = REPO.parent / "shared" / "tools" / "qupath-geojson"
+QUPATH_JARS = ("gson.jar", "jts-core.jar", "slf4j-api.jar")  # Debian's, in /usr/share/java
+QUPATH_SETUP = (
+    ".ci/run installs them as root (apt-get install openjdk-17-jre-headless libgson-java libjts-java "
+    "libslf4j-java groovy)"
+)
+
+
+def _java_major() -> int | None:
+    """Major version of ``java`` on the PATH, or None without one."""
+    if shutil.which("java") is None:
+        return None
+    out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60).stderr
+    found = re.search(r'version "(?:1\.)?(\d+)', out)
+    return int(found.group(1)) if found else None
+
+
+@pytest.fixture(scope="session")
+def qupath_core() -> str:
+    """Java classpath of qupath-core 0.5.1 (``../shared/tools/qupath-geojson``) and the jars it needs.
+
+    Skips with the reason when the tool, Java 17 or the jars are absent.
+    """
+    jar = QUPATH_TOOL / "qupath-core-0.5.1.jar"
+    if not jar.is_file():
+        pytest.skip(f"QuPath's core library not found at {jar}")
+    major = _java_major()
+    if major is None or major < 17:
+        have = "no java on the PATH" if major is None else f"java {major}"
+        pytest.skip(f"QuPath's code needs Java 17 ({have}); {QUPATH_SETUP}")
+    missing = [j for j in QUPATH_JARS if not (Path("/usr/share/java") / j).is_file()]
+    if missing:
+        pytest.skip(f"QuPath's code needs {missing} in /usr/share/java; {QUPATH_SETUP}")
+    return os.pathsep.join([str(QUPATH_TOOL), str(jar), *(f"/usr/share/java/{j}" for j in QUPATH_JARS)])
+
+
+@pytest.fixture(scope="session")
+def qupath_read(qupath_core: str) -> Callable[..., list[dict]]:
+    """``read(*paths)``: what QuPath makes of GeoJSON files, one dict per file, in order.
+
+    Runs ``../shared/tools/qupath-geojson/qupath-read`` (qupath-core 0.5.1's ``PathIO.readObjects``
+    and ``PathObjectHierarchy``); keys ``file``, ``objects``, ``types``, ``classes``
+    ("name #rrggbb"), ``locked``, ``named``, ``measurements``, ``in_hierarchy``, ``first_bounds``,
+    or ``file`` and ``error`` when QuPath refuses the file.
+    """
+
+    def read(*paths: Path) -> list[dict]:
+        cmd = [str(QUPATH_TOOL / "qupath-read"), *map(str, paths)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+        if run.returncode not in (0, 1) or len(lines) != len(paths):
+            raise RuntimeError(f"qupath-read failed ({run.returncode}): {run.stderr.strip()[-2000:]}")
+        return lines
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def qupath_groovy(qupath_core: str) -> Callable[..., subprocess.CompletedProcess]:
+    """``run(script, *args)``: a Groovy script run with qupath-core on the classpath (Groovy >= 2.4).
+
+    With Debian's ``slf4j-simple.jar`` QuPath's log (its deprecation warnings included) goes to stderr.
+    """
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip(f"groovy not found; {QUPATH_SETUP}")
+    java = Path(os.path.realpath(shutil.which("java") or "java"))
+    env = {**os.environ, "JAVA_HOME": str(java.parents[1])}  # Debian's groovy wants it
+    logger = Path("/usr/share/java/slf4j-simple.jar")  # QuPath's warnings to stderr (libslf4j-java)
+    classpath = os.pathsep.join([qupath_core, str(logger)]) if logger.is_file() else qupath_core
+
+    def run(script: Path, *args: object) -> subprocess.CompletedProcess:
+        cmd = [groovy, "-cp", classpath, str(script), *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+    probe = subprocess.run(
+        [groovy, "-e", "print 6 * 7"], capture_output=True, text=True, timeout=600, env=env
+    )
+    if probe.stdout != "42":
+        pytest.skip(f"groovy does not run with {java}: {probe.stderr.strip()[-300:]}")
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -150,34 +150,57 @@ def test_returns_every_output(case: dict) -> None:
 
 def test_ome_tiff_lines_up_with_slide(case: dict) -> None:
     expected = ometiff.to_uint8(np.repeat(np.repeat(case["level0"], HD, 0), HD, 1))
-    with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:
-        assert tif.is_ome
-        series = tif.series[0]
-        assert [lv.shape for lv in series.levels] == [(H, W), (H // 2, W // 2)]
-        pixels = re.search(r"<Pixels [^>]*>", tif.ome_metadata).group(0)
-        assert 'PhysicalSizeX="0.5"' in pixels and 'PhysicalSizeY="0.5"' in pixels
-        level0 = series.levels[0].asarray()
-        assert level0.dtype == np.uint8 and tif.pages[0].compression == 8  # deflate
-        np.testing.assert_array_equal(level0, expected)
-        assert level0[300, 400] == round(255 * 0.9) and level0[100, 200] == round(255 * 0.1)
-        np.testing.assert_array_equal(series.levels[1].asarray(), expected[1::2, 1::2])
-    with tifffile.TiffFile(case["out"]["ome_tiff_rgb"]) as tif:
-        rgb = tif.series[0].levels[0].asarray()
-        assert rgb.shape == (H, W, 3) and len(tif.series[0].levels) == 2
-    np.testing.assert_array_equal(rgb, ometiff.colormap_lut("inferno")[expected])
+    for key, lut in (("ome_tiff", ometiff.GREY_LUT), ("ome_tiff_rgb", ometiff.colormap_lut("inferno"))):
+        with tifffile.TiffFile(case["out"][key]) as tif:
+            assert tif.is_ome and len(tif.series) == 1 and len(tif.pages) == 1  # levels are SubIFDs
+            series = tif.series[0]
+            assert series.axes == "YXS" and series.is_pyramidal
+            assert [lv.shape for lv in series.levels] == [(H, W, 3), (H // 2, W // 2, 3)]
+            pixels = re.search(r"<Pixels [^>]*>", tif.ome_metadata).group(0)
+            assert 'PhysicalSizeX="0.5"' in pixels and 'PhysicalSizeY="0.5"' in pixels
+            assert tif.pages[0].compression == 8 and tif.pages[0].predictor == 2  # deflate, differencing
+            level0 = series.levels[0].asarray()
+            assert level0.dtype == np.uint8
+            np.testing.assert_array_equal(level0, lut[expected])
+            np.testing.assert_array_equal(series.levels[1].asarray(), lut[expected[1::2, 1::2]])
+    with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:  # grey: R = G = B = round(255 v)
+        assert '<Channel ID="Channel:0:0" SamplesPerPixel="3" Name="saliency"' in tif.ome_metadata
+        level0 = tif.series[0].levels[0].asarray()
+    assert tuple(level0[300, 400]) == (round(255 * 0.9),) * 3 and tuple(level0[100, 200]) == (26, 26, 26)
 
 
-def test_ome_tiff_opens_in_tiatoolbox_and_openslide(case: dict) -> None:
+@pytest.mark.parametrize("key", ["ome_tiff", "ome_tiff_rgb"])
+def test_ome_tiff_opens_in_tiatoolbox(case: dict, key: str) -> None:
+    from tiatoolbox.wsicore.wsireader import TIFFWSIReader, WSIReader
+
+    lut = ometiff.GREY_LUT if key == "ome_tiff" else ometiff.colormap_lut("inferno")
+    high, low = lut[round(255 * 0.9)], lut[round(255 * 0.1)]
+    reader = WSIReader.open(case["out"][key])
+    assert isinstance(reader, TIFFWSIReader)
+    info = reader.info
+    assert np.allclose(np.asarray(info.mpp, dtype=float), MPP) and tuple(info.slide_dimensions) == (W, H)
+    assert [tuple(d) for d in info.level_dimensions] == [(W, H), (W // 2, H // 2)]
+    # inside the bright square (x 384-640, y 256-512) and left of it, at four resolutions
+    for resolution, units in ((0, "level"), (1, "level"), (1.0, "mpp"), (2.0, "mpp")):
+        patch = reader.read_rect((400, 300), (8, 8), resolution=resolution, units=units)
+        assert patch.shape == (8, 8, 3) and (patch == high).all(), (resolution, units)
+        patch = reader.read_rect((160, 300), (8, 8), resolution=resolution, units=units)
+        assert (patch == low).all(), (resolution, units)
+    bounds = reader.read_bounds((384, 256, 640, 512), resolution=2.0, units="mpp")
+    assert bounds.shape == (64, 64, 3) and (bounds[2:-2, 2:-2] == high).all()
+
+
+def test_ome_tiff_level0_only_in_openslide(case: dict) -> None:
     import openslide
-    from tiatoolbox.wsicore.wsireader import WSIReader
 
-    reader = WSIReader.open(case["out"]["ome_tiff_rgb"])  # tiatoolbox: YXS/CYX axes only (not grey YX)
-    assert np.allclose(np.asarray(reader.info.mpp, dtype=float), MPP)
-    assert tuple(reader.info.slide_dimensions) == (W, H) and reader.info.level_count == 2
-    patch = reader.read_rect((400, 300), (4, 4), resolution=0, units="level")
-    assert (patch == ometiff.colormap_lut("inferno")[round(255 * 0.9)]).all()
-    with openslide.OpenSlide(case["out"]["ome_tiff"]) as slide:  # generic TIFF: level 0 only (SubIFDs unseen)
-        assert slide.dimensions == (W, H) and float(slide.properties["openslide.mpp-x"]) == pytest.approx(MPP)
+    for key in ("ome_tiff", "ome_tiff_rgb"):  # generic TIFF: OpenSlide does not see SubIFDs
+        with openslide.OpenSlide(case["out"][key]) as slide:
+            assert slide.level_count == 1 and slide.dimensions == (W, H)
+            assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(MPP)
+            assert slide.properties["openslide.vendor"] == "generic-tiff"
+            region = np.asarray(slide.read_region((0, 0), 0, (W, H)))
+        with tifffile.TiffFile(case["out"][key]) as tif:
+            np.testing.assert_array_equal(region[..., :3], tif.series[0].levels[0].asarray())
 
 
 def test_ome_tiff_levels_from_the_matching_heatmap_level(tmp_path: Path) -> None:
@@ -191,17 +214,17 @@ def test_ome_tiff_levels_from_the_matching_heatmap_level(tmp_path: Path) -> None
     )
     with tifffile.TiffFile(path) as tif:
         got = [lv.asarray() for lv in tif.series[0].levels]
-    assert [g.shape for g in got] == [(1200, 1000), (600, 500), (300, 250)]
+    assert [g.shape for g in got] == [(1200, 1000, 3), (600, 500, 3), (300, 250, 3)]
     for g, level in zip(got, levels, strict=True):
-        np.testing.assert_array_equal(g, ometiff.to_uint8(level))
+        np.testing.assert_array_equal(g, ometiff.GREY_LUT[ometiff.to_uint8(level)])
     assert ometiff.source_level(3.0, 1.0, 3) == 1 and ometiff.source_level(0.5, 1.0, 3) == 0
     half = ometiff.write_heatmap_ome_tiff(
         tmp_path / "half.ome.tif", levels, 1.0, (1000, 1200), 0.25, tile_size=128, ome_downsample=2
     )
     with tifffile.TiffFile(half) as tif:
-        assert [lv.shape for lv in tif.series[0].levels] == [(600, 500), (300, 250)]
+        assert [lv.shape for lv in tif.series[0].levels] == [(600, 500, 3), (300, 250, 3)]
         assert 'PhysicalSizeX="0.5"' in tif.ome_metadata
-        np.testing.assert_array_equal(tif.series[0].levels[0].asarray(), ometiff.to_uint8(levels[1]))
+        np.testing.assert_array_equal(tif.series[0].levels[0].asarray()[..., 1], ometiff.to_uint8(levels[1]))
 
 
 def test_pngs_share_one_grid(case: dict) -> None:
@@ -295,3 +318,66 @@ def test_failed_export_leaves_nothing(case: dict, tmp_path: Path, monkeypatch: p
     with pytest.raises(RuntimeError, match="killed"):
         export.export_slide(case["heatmap"], case["store"], out, thumbnail_size=128, tile_size=256)
     assert list(out.iterdir()) == []
+
+
+REGION_MEASUREMENTS = ("area_um2", "n_patches", "prob_mean", "saliency_max", "saliency_mean")
+
+
+def test_qupath_reads_tiles_and_regions(case: dict, qupath_read) -> None:
+    """QuPath's own parser (qupath-core) makes locked tiles and one saliency-high annotation."""
+    tiles, regions = qupath_read(case["out"]["tiles"], case["out"]["regions"])
+    n = len(case["coords"])
+    assert tiles == {
+        "file": str(case["out"]["tiles"]), "objects": n, "types": {"PathTileObject": n},
+        "classes": {"none": n}, "locked": n, "named": n, "in_hierarchy": n,
+        "measurements": {k: n for k in ("prob_normal", "prob_tumour", "saliency_max", "saliency_mean")},
+        "first_bounds": {"x": float(case["coords"][0, 0]), "y": float(case["coords"][0, 1]),
+                         "width": float(PATCH0), "height": float(PATCH0), "area": float(PATCH0**2),
+                         "roi": "Rectangle"},
+    }  # fmt: skip
+    y0, y1, x0, x1 = SQUARE
+    poly = shape(json.loads(case["out"]["regions"].read_text())["features"][0]["geometry"])
+    bounds = regions.pop("first_bounds")
+    assert regions == {
+        "file": str(case["out"]["regions"]), "objects": 1, "types": {"PathAnnotationObject": 1},
+        "classes": {"saliency-high #e6321e": 1}, "locked": 0, "named": 1, "in_hierarchy": 1,
+        "measurements": dict.fromkeys(REGION_MEASUREMENTS, 1),
+    }  # fmt: skip
+    assert (bounds["x"], bounds["y"], bounds["x"] + bounds["width"], bounds["y"] + bounds["height"]) == (
+        pytest.approx(poly.bounds, abs=1e-3)
+    )
+    assert bounds["area"] == pytest.approx(poly.area, rel=1e-6) and abs(bounds["x"] - x0) <= HD
+    assert abs(bounds["y"] - y0) <= HD and abs(bounds["width"] - (x1 - x0)) <= 2 * HD
+
+
+def test_qupath_reimport_keeps_user_objects(case: dict, tmp_path: Path, qupath_groovy) -> None:
+    """The import script, run twice on an ``s1.ome.tif`` image with QuPath's hierarchy code.
+
+    Between the runs a user detects a cell inside a saliency-high region (the region's child) and
+    draws an annotation: the re-import replaces tiles and regions and keeps both.
+    """
+    import shutil
+
+    repo = Path(__file__).resolve().parents[1]
+    for key in ("tiles", "regions"):
+        shutil.copy(case["out"][key], tmp_path)
+    image = tmp_path / "s1.ome.tif"  # QuPath names it "s1", like the slide id
+    image.write_bytes(b"")
+    run = qupath_groovy(
+        repo / "tests" / "qupath" / "run_import_script.groovy",
+        repo / "scripts" / "qupath" / "import_wsi_scaat.groovy",
+        image,
+    )
+    assert run.returncode == 0, run.stderr
+    states = [json.loads(line[6:]) for line in run.stdout.splitlines() if line.startswith("STATE ")]
+    n = len(case["coords"])
+    first, added, again = states
+    assert first == {"step": "first import", "objects": n + 1, "tiles": n, "regions": 1}
+    assert added["cell_present"] and added["cell_parent"] == "saliency-high" and added["objects"] == n + 3
+    assert again == {
+        "step": "re-import", "objects": n + 3, "tiles": n, "regions": 1,
+        "cell_present": True, "cell_parent": "root", "annotation_present": True,
+    }  # fmt: skip
+    assert f"Removed {n + 1} objects of an earlier import; kept 1 made inside them" in run.stdout
+    assert "deprecated" not in run.stderr.lower()  # what qupath-core logs for its deprecated calls
+    assert run.stdout.splitlines()[-1] == 'QP_CALLS ["getCurrentImageData"]'  # the rest: hierarchy calls

@@ -12,7 +12,7 @@ import shapely
 from wsi_scaat.annotations import coverage_fraction, read_annotations
 from wsi_scaat.errors import SlideReadError
 from wsi_scaat.slides.reader import SlideInfo
-from wsi_scaat.slides.tiling import TileParams, group_regions, plan_grid, tile_slide
+from wsi_scaat.slides.tiling import TileParams, default_slide_id, group_regions, plan_grid, tile_slide
 from wsi_scaat.store import open_store
 from wsi_scaat.store.patch_store import REQUIRED_ATTRS
 
@@ -39,6 +39,16 @@ def test_grid_resamples_between_levels() -> None:
     grid = plan_grid(_info(), 100, 1.0)  # downsample 2: read level 0, 200-px crops
     assert (grid.level, grid.crop_size, grid.patch_size_level0) == (0, 200, 200)
     assert grid.resample and len(grid.coords) == 5 * 4
+
+
+def test_grid_field_of_view_is_the_crop() -> None:
+    grid = plan_grid(_info(2000, 1600), 101, 2.6)  # downsample 5.2: level 1, 131.3 -> 131-px crops
+    assert (grid.level, grid.crop_size, grid.patch_size_level0) == (1, 131, 524)  # not round(101 x 5.2)
+
+
+def test_default_slide_id_strips_multipart_extensions() -> None:
+    names = ["a.svs", "b.ome.tif", "c.OME.TIFF", "d.tiff", "e.v2.ndpi", ".ome.tif", "f.ome.zarr"]
+    assert [default_slide_id(Path(n)) for n in names] == ["a", "b", "c", "d", "e.v2", ".ome", "f"]
 
 
 def test_grid_overlap() -> None:

@@ -81,7 +81,7 @@ def test_zarr_format_from_config(cohort: Path, tmp_path: Path) -> None:
     run = _run(target, "--cores", "2", "--configfile", str(config), cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     with open_store(target) as store:
-        assert store.format == "zarr" and store.attrs["patch_size"] == 64
+        assert store.format == "zarr" and store.patch_size == 64
 
 
 def test_new_cohort_with_trained_model_trains_nothing(

@@ -167,7 +167,9 @@ def tile(
     mpp_override: Annotated[
         float | None, typer.Option(min=0.001, help="Level-0 microns per pixel, replacing the metadata.")
     ] = None,
-    slide_id: Annotated[str | None, typer.Option(help="Slide id (default: file name stem).")] = None,
+    slide_id: Annotated[
+        str | None, typer.Option(help="Slide id (default: the file name without extension; x.ome.tif -> x).")
+    ] = None,
     compression: Annotated[Compression, typer.Option(help=_h(TilingConfig, "compression"))] = Compression(
         _d(TilingConfig, "compression")
     ),

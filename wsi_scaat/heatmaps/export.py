@@ -3,8 +3,9 @@
 :func:`export_slide` reads a heatmap pyramid (``<slide_id>.heatmap.zarr``, see the contract in
 :mod:`wsi_scaat.heatmaps`), its saliency store and the slide, and writes into ``out_dir``:
 
-- ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (uint8 and
-  colour-mapped RGB) with the slide's level-0 size and mpp (:mod:`~wsi_scaat.heatmaps.ometiff`);
+- ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (grey RGB,
+  R = G = B = round(255 v), and colour-mapped) with the slide's level-0 size and mpp
+  (:mod:`~wsi_scaat.heatmaps.ometiff`);
 - ``.thumbnail.png``, ``.heatmap.png``, ``.overlay.png``, ``.figure.png`` on one pixel grid
   (:mod:`~wsi_scaat.heatmaps.figures`);
 - ``.tiles.geojson`` (one tile per patch) and ``.regions.geojson`` (high-saliency outlines) for
@@ -175,7 +176,8 @@ def _summary(
         f"slide        {hm.slide_id}",
         f"model        {attrs.get('model_method', '?')}",
         f"saliency     {attrs.get('saliency_method', '?')} (target {attrs.get('saliency_target', '?')})",
-        f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px at level 0)",
+        f"patches      {n}  ({attrs.get('patch_size_out', attrs.get('patch_size', '?'))} px, "
+        f"{hm.mpp:g} um/px at level 0)",
         f"mean P({positive})  {patches.probs[:, -1].mean():.3f}" if n else f"mean P({positive})  n/a",
         f"high saliency  {100 * high_fraction:.1f}% of tissue (>= {threshold:g})",
         f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",

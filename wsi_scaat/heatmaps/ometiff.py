@@ -14,8 +14,14 @@ and the heatmap's own 2x2-mean pyramid does the anti-aliasing at low zoom. Tiles
 tile row at a time from a band of heatmap rows, so neither the heatmap nor the OME-TIFF level is
 ever held whole in memory.
 
-Compression is Deflate (``zlib``, TIFF compression 8): libtiff (OpenSlide), tifffile
-(tiatoolbox, napari) and Bio-Formats (QuPath) all decode it.
+Compression is Deflate (``zlib``, TIFF compression 8) with horizontal differencing (predictor 2):
+libtiff (OpenSlide), tifffile (tiatoolbox, napari) and Bio-Formats (QuPath) all decode it.
+
+Both files are RGB: the grey heatmap has ``R = G = B = round(255 v)``. tiatoolbox's TIFF reader
+takes only images with a sample or channel axis (``YXS``, ``CYX``; a one-channel image reads as
+``YX`` and is refused), and a second channel would not do: it reads two samples as grey and alpha,
+composited over white. OpenSlide opens either file as a generic TIFF with level 0 only: it does
+not see SubIFDs.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def to_uint8(values: np.ndarray) -> np.ndarray:
     """``round(255 v)`` of heatmap values, clipped to [0, 1]; NaN becomes 0."""
     v = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0)
     return np.rint(np.clip(v, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+#: The grey heatmap's lookup table: R = G = B = the uint8 value.
+GREY_LUT = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
 
 
 def colormap_lut(name: str) -> np.ndarray:
@@ -146,39 +156,40 @@ def write_heatmap_ome_tiff(
     """Write ``final`` atomically from heatmap pyramid ``levels`` (2-D arrays, values in [0, 1]).
 
     ``slide_size`` is the slide's level-0 ``(width, height)``, ``mpp`` its level-0 µm per pixel.
-    Single-channel uint8 (``round(255 v)``), or RGB through ``lut`` (see :func:`colormap_lut`);
-    ``maxworkers`` threads compress tiles.
+    RGB uint8 through ``lut`` (see :func:`colormap_lut`); without one, grey: R = G = B =
+    ``round(255 v)``, channel name ``saliency``. ``maxworkers`` threads compress tiles.
     """
     import tifffile
 
     if tile_size % 16:
         raise ValueError(f"tile_size must be a multiple of 16, got {tile_size}")
     sizes = ome_levels(slide_size[0], slide_size[1], ome_downsample)
-    rgb = lut is not None
     w0, h0, _ = sizes[0]
     px_um = mpp * ome_downsample
     metadata = {
-        "axes": "YXS" if rgb else "YX",
+        "axes": "YXS",
         "Name": name,
         "PhysicalSizeX": px_um,
         "PhysicalSizeXUnit": "µm",
         "PhysicalSizeY": px_um,
         "PhysicalSizeYUnit": "µm",
     }
-    if not rgb:
+    if lut is None:
+        lut = GREY_LUT
         metadata["Channel"] = {"Name": ["saliency"]}
-    bigtiff = w0 * h0 * (3 if rgb else 1) > BIGTIFF_BYTES
+    bigtiff = w0 * h0 * 3 > BIGTIFF_BYTES
     with atomic_output(final) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=True) as tif:
         for j, size in enumerate(sizes):
             w, h, d = size
             res = 1e4 / (mpp * d)  # pixels per cm
             tif.write(
                 _level_tiles(levels, heatmap_downsample, size, tile_size, lut),
-                shape=(h, w, 3) if rgb else (h, w),
+                shape=(h, w, 3),
                 dtype=np.uint8,
-                photometric="rgb" if rgb else "minisblack",
+                photometric="rgb",
                 tile=(tile_size, tile_size),
                 compression=compression,
+                predictor=True,
                 resolution=(res, res),
                 resolutionunit="CENTIMETER",
                 subifds=len(sizes) - 1 if j == 0 else None,

@@ -62,10 +62,10 @@ def resolve_target(target: str, class_names: list[str]) -> int | None:
 
 def _check_fit(store_attrs: dict, state: dict, store_path: Path) -> None:
     size, mpp = state.get("patch_size"), state.get("patch_mpp")
-    if size is not None and int(store_attrs["patch_size"]) != int(size):
+    if size is not None and int(store_attrs["patch_size_out"]) != int(size):
         raise SaliencyError(
             store_path,
-            f"patches are {store_attrs['patch_size']} px but the model was trained on {size} px "
+            f"patches are {store_attrs['patch_size_out']} px but the model was trained on {size} px "
             f"patches; re-tile with --patch-size {size}",
         )
     have = float(store_attrs.get("patch_mpp", store_attrs["target_mpp"]))
@@ -134,7 +134,7 @@ def run_saliency(
     try:
         attrs = patches.attrs
         _check_fit(attrs, state, patches.path)
-        size = int(attrs["patch_size"])
+        size = patches.patch_size
         if size % map_downsample:
             raise SaliencyError(
                 None, f"map downsample {map_downsample} does not divide the patch size {size}"

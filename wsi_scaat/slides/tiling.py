@@ -38,7 +38,10 @@ from wsi_scaat.slides.tissue import (
     tissue_geojson,
     tissue_settings,
 )
-from wsi_scaat.store import create_store, store_suffix
+from wsi_scaat.store import STORE_VERSION, create_store, store_suffix
+
+#: Extensions of more than one part, stripped whole from slide names (as QuPath's ``GeneralTools``).
+MULTIPART_EXTENSIONS = (".ome.tif", ".ome.tiff", ".ome.zarr")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def plan_grid(
     return PatchGrid(
         coords=coords, level_xy=level_xy, patch_size=patch_size, crop_size=crop, level=level,
         level_downsample=level_ds, downsample=float(downsample),
-        patch_size_level0=int(round(patch_size * downsample)),
+        patch_size_level0=int(round(crop * level_ds)),  # the field of view of the crop
         step_level0=int(round((patch_size - overlap) * downsample)),
     )  # fmt: skip
 
@@ -182,6 +185,15 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def default_slide_id(slide: str | Path) -> str:
+    """The file name without its extension, as QuPath names images: ``x.ome.tif`` -> ``x``."""
+    name = Path(slide).name
+    for ext in MULTIPART_EXTENSIONS:
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
 def tile_slide(
     slide: str | Path,
     out_dir: str | Path,
@@ -198,7 +210,7 @@ def tile_slide(
     under ``out_dir``; all three appear only if the whole slide was read successfully.
     """
     slide = Path(slide)
-    slide_id = check_slide_id(slide_id or slide.stem)  # it names the outputs: never a path
+    slide_id = check_slide_id(slide_id or default_slide_id(slide))  # it names the outputs: never a path
     out_dir = Path(out_dir)
     store_path = out_dir / f"{slide_id}{store_suffix(params.format)}"
     with open_slide(slide, mpp_override) as reader:
@@ -283,16 +295,25 @@ def _drain(fut: Future, store, bar: tqdm) -> None:
 def _store_attrs(
     info: SlideInfo, grid: PatchGrid, params: TileParams, slide_id: str, tissue: TissueMask
 ) -> dict:
+    mpp0 = info.require_mpp()
     return {
-        "patch_size": params.patch_size,
+        # CLAM and TRIDENT read each patch as read_region(coord, patch_level, (patch_size,) * 2):
+        # patch_size counts pixels of the level read; the side of `imgs` is patch_size_out.
+        "patch_size": grid.crop_size,
+        "patch_size_out": params.patch_size,
         "patch_level": grid.level,
+        "name": slide_id,  # CLAM and TRIDENT name the slide with it
+        # TRIDENT's own format: magnification = 10 / mpp; patch_size counts pixels at the
+        # target magnification, hence that of the level read.
+        "level0_magnification": 10.0 / mpp0,
+        "target_magnification": 10.0 / (mpp0 * grid.level_downsample),
         "downsample": grid.downsample,
         "level_downsample": grid.level_downsample,
         "patch_size_level0": grid.patch_size_level0,
         "step_level0": grid.step_level0,
-        "mpp_level0": info.require_mpp(),
+        "mpp_level0": mpp0,
         "mpp_source": info.mpp_source,
-        "patch_mpp": info.require_mpp() * grid.downsample,
+        "patch_mpp": mpp0 * grid.downsample,
         "target_mpp": params.target_mpp,
         "overlap": params.overlap,
         "min_tissue": params.min_tissue,
@@ -306,6 +327,6 @@ def _store_attrs(
         "tissue_downsample": tissue.downsample,
         "tissue_settings": json.dumps(tissue_settings(params.tissue), sort_keys=True),
         "compression": params.compression,
-        "store_version": 1,
+        "store_version": STORE_VERSION,
         "wsi_scaat_version": __version__,
     }

@@ -2,10 +2,17 @@
 
 Layout (both formats): ``coords`` (N, 2) int64 top-left x, y at level 0; ``imgs`` (N, P, P, 3)
 uint8, one patch per chunk; optional ``labels`` (N,) int64 and ``lesion_fraction`` (N,) float32;
-``tissue_mask`` (uint8, the thumbnail mask). Attributes on the root (and, as CLAM expects, on
-``coords``) describe the geometry: ``patch_size``, ``patch_level``, ``downsample``,
-``patch_size_level0``, ``mpp_level0``, ``target_mpp``, ``overlap``, ``slide_width``,
-``slide_height``, ``slide_id``, ``source_path``, ``wsi_scaat_version`` and a few more.
+``tissue_mask`` (uint8, the thumbnail mask). Attributes on the root (and, as CLAM and TRIDENT
+read them, on ``coords``) describe the geometry: ``patch_size_out`` (P), ``patch_size`` and
+``patch_level`` (CLAM's and TRIDENT's reading: ``patch_size`` pixels of level ``patch_level``
+cover each patch), ``level0_magnification`` and ``target_magnification`` (TRIDENT's),
+``downsample``, ``patch_size_level0``, ``mpp_level0``, ``target_mpp``, ``overlap``, ``slide_width``,
+``slide_height``, ``slide_id``, ``source_path``, ``wsi_scaat_version`` and a few more
+(``docs/contracts.md``).
+
+Version 1 stores (before ``patch_size_out``) held the output size in ``patch_size``; they stay
+readable: :class:`PatchStore` gives them ``patch_size_out`` (their CLAM attributes stay wrong
+whenever the tiler resampled: re-tile them for CLAM or TRIDENT).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
 from wsi_scaat.store.codecs import chunk_encoder, h5_filter, zarr_compressors
 
-STORE_VERSION = 1
+STORE_VERSION = 2
 FORMATS = ("h5", "zarr")
 REQUIRED_ATTRS = (
     "patch_size", "patch_level", "downsample", "patch_size_level0", "mpp_level0", "target_mpp",
@@ -191,16 +198,45 @@ class PatchStore:
             raise
         except Exception as exc:
             raise StoreError(self.path, f"cannot open patch store: {exc}") from exc
+        try:
+            self._check_layout()
+        except StoreError:
+            self.close()
+            raise
+        self.coords = np.asarray(self._h["coords"][...], dtype=np.int64)
+
+    def _check_layout(self) -> None:
+        """Refuse what is not a patch store this version reads; give version 1 ``patch_size_out``."""
         missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
         if missing:
             raise StoreError(self.path, f"not a wsi-scaat patch store (missing attributes {missing})")
-        self.coords = np.asarray(self._h["coords"][...], dtype=np.int64)
+        version = int(self.attrs.get("store_version", 1))
+        if version > STORE_VERSION:
+            raise StoreError(
+                self.path, f"store version {version} is newer than this wsi-scaat reads ({STORE_VERSION})"
+            )
+        if "imgs" not in self._h:
+            raise StoreError(self.path, "not a wsi-scaat patch store (no imgs)")
+        side = int(self.imgs.shape[1])
+        if version == 1:  # its patch_size was the output size, the side of imgs
+            self.attrs.setdefault("patch_size_out", side)
+        if "patch_size_out" not in self.attrs:
+            raise StoreError(self.path, f"store version {version} without attribute patch_size_out")
+        if int(self.attrs["patch_size_out"]) != side:
+            raise StoreError(
+                self.path, f"patch_size_out {self.attrs['patch_size_out']} differs from the {side}-px imgs"
+            )
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 
     def __contains__(self, name: str) -> bool:
         return name in self._h
+
+    @property
+    def patch_size(self) -> int:
+        """Side of the stored patches in pixels (``patch_size_out``; not CLAM's ``patch_size``)."""
+        return int(self.attrs["patch_size_out"])
 
     @property
     def imgs(self) -> Any:
