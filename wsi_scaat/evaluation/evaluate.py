@@ -190,13 +190,11 @@ def evaluate_model(
     lesion = cfg.tiling.annotation_class
     lesion_class = class_names.index(lesion) if lesion in class_names else len(class_names) - 1
     rows: dict[str, dict[tuple[str, int], float]] = {m: {} for m in PATCH_METRICS}
-    labels_all, probs_all, eligible = [], [], []
+    labels_all, probs_all, targets, eligible = [], [], [], []
     hist_pos, hist_neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     per_slide = []
-    regions = {}
     for s in slides:
         region = LesionRegion.from_geojson(s.annotations, cfg.tiling.annotation_class)
-        regions[s.slide_id] = region
         with open_store(s.tiles) as tiles:
             labels = tiles.array("labels").astype(np.int64)
             lf = tiles.array("lesion_fraction") if "lesion_fraction" in tiles else labels.astype(np.float32)
@@ -207,7 +205,8 @@ def evaluate_model(
             raise EvaluationError(s.saliency, f"{len(probs)} patches but the patch store has {len(labels)}")
         labels_all.append(labels)
         probs_all.append(probs)
-        eligible.append(sal.array("target") == labels)  # faithfulness: maps of the patch's true class
+        targets.append(sal.array("target"))
+        eligible.append(targets[-1] == labels)  # faithfulness: maps of the patch's true class
         maps, m = sal.maps, int(sal.attrs["map_size"])
         for a in range(0, len(labels), READ_BATCH):
             b = min(a + READ_BATCH, len(labels))
@@ -240,9 +239,10 @@ def evaluate_model(
     chosen = _sample(labels_all, eligible, ec.max_patches, ec.seed)
     donors = _donors(slides, labels_all, ec.seed)
     gen = torch.Generator().manual_seed(ec.seed)
-    for s, idx in zip(slides, chosen, strict=True):
+    for s, idx, target_all in zip(slides, chosen, targets, strict=True):
+        if not len(idx):  # most slides of a large cohort: not opened again
+            continue
         sal = open_saliency_store(s.saliency)
-        target_all = sal.array("target")
         with open_store(s.tiles) as tiles:
             for a in range(0, len(idx), ec.batch_size):
                 sel = idx[a : a + ec.batch_size]
