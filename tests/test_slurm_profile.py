@@ -39,19 +39,20 @@ def test_profile_groups_per_slide_by_default(monkeypatch: pytest.MonkeyPatch) ->
     assert p["groups"] == {"saliency": "slide_{slide}", "stitch": "slide_{slide}", "export": "slide_{slide}"}
     assert p["group-components"] == {"slide_{slide}": 1000}
     assert p["resources"] == {"mem_mb": 16000, "gpu": 1} and p["set-resource-scopes"] == {"gpu": "local"}
+    assert p["keep-incomplete"] is True  # a failed group job keeps what its finished stages wrote
     res = p["set-resources"]
     for rule in ("stitch", "export"):  # one group job has one partition and GPU type
         assert (res[rule]["slurm_partition"], res[rule]["gpu_model"]) == (
             res["saliency"]["slurm_partition"], res["saliency"]["gpu_model"])  # fmt: skip
-    memory = max(res[rule]["mem_mb"] for rule in ("tile", "saliency", "stitch", "export"))
+    memory = max(res[rule]["mem_mb"] for rule in ("saliency", "stitch", "export"))
     assert memory <= p["resources"]["mem_mb"]  # every grouped job fits a group job's limit
 
 
 def test_profile_batches_and_no_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     p = _profile(monkeypatch, WSI_SCAAT_SLURM_SLIDES_PER_JOB="4", WSI_SCAAT_SLURM_GPUS="0")
-    assert p["groups"] == {"saliency": "slides_{model}", "stitch": "slides_{model}",
-                           "export": "slides_{model}", "tile": "tiles"}  # fmt: skip
-    assert p["group-components"] == {"slides_{model}": 4, "tiles": 4}
+    # tiling is never grouped: a broken slide fails its own tiling job alone
+    assert p["groups"] == {rule: "slides_{model}" for rule in ("saliency", "stitch", "export")}
+    assert p["group-components"] == {"slides_{model}": 4}
     assert p["resources"] == {"mem_mb": 16000}  # no GPU limit on a cluster without GPUs
     p = _profile(monkeypatch, WSI_SCAAT_SLURM_SLIDES_PER_JOB="0")
     assert not {"groups", "group-components", "resources", "set-resource-scopes"} & set(p)
@@ -87,6 +88,5 @@ def test_dry_run_forms_one_group_job_per_slide(monkeypatch: pytest.MonkeyPatch, 
 
 def test_dry_run_forms_batches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     groups = _group_jobs(_profile(monkeypatch, WSI_SCAAT_SLURM_SLIDES_PER_JOB="2"), tmp_path, 5)
-    # 5 slides in batches of 2: 3 tiling jobs; per model 3 jobs of saliency + stitch + export
-    assert groups == {"tiles: tile": 3, "slides_erm: export saliency stitch": 3,
-                      "slides_scaat: export saliency stitch": 3}  # fmt: skip
+    # 5 slides in batches of 2: per model 3 jobs of saliency + stitch + export (tiling not grouped)
+    assert groups == {"slides_erm: export saliency stitch": 3, "slides_scaat: export saliency stitch": 3}
