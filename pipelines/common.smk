@@ -55,9 +55,17 @@ def get_grandparent(wildcards, output):
     return os.path.dirname(os.path.dirname(output[0]))
 
 
+def slide_entry(wildcards):
+    """The manifest row of a job's slide (the slide wildcard matches any name: an unknown one stops here)."""
+    try:
+        return SLIDES[wildcards.slide]
+    except KeyError:
+        raise WsiScaatError(CFG.cohort.manifest, f"no slide {wildcards.slide!r} in the manifest") from None
+
+
 def get_slide_path(wildcards):
     """The slide file of a manifest row."""
-    return str(SLIDES[wildcards.slide].path)
+    return str(slide_entry(wildcards).path)
 
 
 def fixed_param(text):
@@ -93,7 +101,7 @@ def get_slide_input(wildcards):
 
 def get_slide_inputs(wildcards):
     """The slide file and, when the manifest names one, its annotations (those that can be inputs)."""
-    entry = SLIDES[wildcards.slide]
+    entry = slide_entry(wildcards)
     inputs = {"slide": as_input(entry.path)}
     if entry.annotations is not None:
         inputs["annotations"] = as_input(entry.annotations)
@@ -102,7 +110,7 @@ def get_slide_inputs(wildcards):
 
 def get_tile_args(wildcards):
     """Command-line flags of `wsi-scaat tile` for one slide, shell-quoted."""
-    entry, t = SLIDES[wildcards.slide], CFG.tiling
+    entry, t = slide_entry(wildcards), CFG.tiling
     args = [
         "--patch-size", t.patch_size, "--target-mpp", t.target_mpp, "--overlap", t.overlap,
         "--min-tissue", t.min_tissue, "--format", t.format, "--compression", t.compression,
@@ -164,7 +172,7 @@ def get_train_launcher(wildcards=None):
 
 # The checkpoint that explains the cohort: the configured one (no braces, checked above), or the
 # model trained here (a pattern of the rule's `model` wildcard).
-CHECKPOINT = str(CFG.model_checkpoint) if CFG.model_checkpoint is not None else f"{RESULTS}/models/{{model}}/best.pt"
+CHECKPOINT = f"{RESULTS}/models/{{model}}/best.pt" if CFG.model_checkpoint is None else str(CFG.model_checkpoint)
 
 
 def saliency_args():
@@ -194,7 +202,7 @@ STITCH_ARGS = fixed_param(stitch_args())
 def get_export_args(wildcards):
     """Flags of `wsi-scaat export` from the config and the manifest, shell-quoted."""
     e = CFG.export
-    args = ["--slide", SLIDES[wildcards.slide].path, "--colormap", e.colormap,
+    args = ["--slide", slide_entry(wildcards).path, "--colormap", e.colormap,
             "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
             "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
             "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um]
