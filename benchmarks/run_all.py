@@ -1,10 +1,11 @@
 """Every benchmark in one run and one table, also written to docs/benchmarks.md (``make benchmark``).
 
-    python benchmarks/run_all.py [--quick] [--only tiling,saliency,metrics,training,stitching] [--out PATH]
+    python benchmarks/run_all.py [--quick] [--only tiling,saliency,...,workflow_scale] [--out PATH]
 
 Each ``bench_*.py`` module exposes ``run(quick=False) -> list[dict]``; its rows share the columns
 below (``ratio`` is the figure over the reference, ``met`` whether the goal holds). A full run
-writes docs/benchmarks.md; ``--quick`` (small inputs) or ``--only`` print the table and write only
+writes docs/benchmarks.md (keeping what follows its ``KEPT`` line: sections written by hand, e.g. a
+before / after comparison); ``--quick`` (small inputs) or ``--only`` print the table and write only
 with ``--out``. Benchmarks are not tests: nothing here fails on a time.
 """
 
@@ -27,6 +28,8 @@ from common import machine, table  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
 COLUMNS = ["benchmark", "measured", "figure", "unit", "reference", "ratio", "goal", "met"]
+#: The doc's text from this line on is kept as it is when the doc is written again.
+KEPT = "<!-- Sections below this line are written by hand; run_all.py keeps them. -->"
 
 #: name -> (module, what is compared), in the order they run and appear in the table.
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -47,6 +50,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "stitching": ("bench_stitching", "out-of-core `stitch` (dask, level 0 and pyramid written to zarr) vs "
                   "`stitch_dense` (one numpy canvas, nothing written) on the same saliency store, and its "
                   "speed and peak RSS on a 100,000 x 100,000 px slide (each in its own subprocess)."),
+    "workflow_scale": ("bench_workflow_scale", "`snakemake -n` (the DAG of the whole workflow, before any "
+                       "job runs) on manifests of 100, 1,000 and 10,000 slides (symlinks to one small slide, "
+                       "2 models), with its peak RSS and the growth exponent of its time between the two "
+                       "largest; and `wsi-scaat summarize` on 10,000 slides, most of them `not run` (each in "
+                       "a subprocess; see 'Cohorts of 10,000 slides' below for before / after)."),
 }  # fmt: skip
 
 
@@ -204,7 +212,9 @@ def main() -> None:
     print(f"\n{header}\n\n{body}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(document(header, body, names, args.quick, seconds))
+        old = out.read_text() if out.is_file() else ""
+        kept = "\n" + old[old.index(KEPT) :] if KEPT in old else ""
+        out.write_text(document(header, body, names, args.quick, seconds) + kept)
         print(f"\nwritten to {out}")
 
 

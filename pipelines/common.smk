@@ -1,10 +1,12 @@
 # Config validation and input helpers shared by the rule files.
+import functools
 import json
 import os
 import re
 import shlex
 import sys
 
+from wsi_scaat.atomic import write_text
 from wsi_scaat.config import ensure_config_file, validate_config
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.manifest import read_manifest
@@ -30,8 +32,11 @@ TRAINED = [] if CFG.model_checkpoint is not None else CFG.models
 WSI = f"{shlex.quote(sys.executable)} -m wsi_scaat"
 
 
+# A slide id is any name without '/' (manifest.check_slide_id); the get_* helpers refuse one that
+# is not in the manifest. Not an alternation of every slide id: Snakemake would embed that regex in
+# every file pattern and match and substitute it per job, making the DAG quadratic in the slides.
 wildcard_constraints:
-    slide="|".join(re.escape(s) for s in SLIDES) or "(?!)",
+    slide="[^/]+" if SLIDES else "(?!)",
     method="|".join(re.escape(m) for m in TRAINED) or "(?!)",
     model="|".join(re.escape(m) for m in CFG.models),
 
@@ -51,17 +56,39 @@ def get_grandparent(wildcards, output):
     return os.path.dirname(os.path.dirname(output[0]))
 
 
+def slide_entry(wildcards):
+    """The manifest row of a job's slide (the slide wildcard matches any name: an unknown one stops here)."""
+    try:
+        return SLIDES[wildcards.slide]
+    except KeyError:
+        raise WsiScaatError(CFG.cohort.manifest, f"no slide {wildcards.slide!r} in the manifest") from None
+
+
 def get_slide_path(wildcards):
     """The slide file of a manifest row."""
-    return str(SLIDES[wildcards.slide].path)
+    return str(slide_entry(wildcards).path)
 
 
+def fixed_param(text):
+    """A param that is the same for every job: the text itself (Snakemake fills wildcards in it, and
+    a text is cheaper per job than a function), or a function returning it when it holds braces."""
+    if "{" not in text and "}" not in text:
+        return text
+
+    def get_text(wildcards):
+        return text
+
+    return get_text
+
+
+@functools.cache
 def as_input(path):
     """``path`` as a rule input, or None when it cannot be one.
 
     Left out: a file that does not exist (the job then fails for that slide alone, with a one-line
     reason in its log, instead of Snakemake stopping the whole cohort), and a name holding
     ``{word}``, which Snakemake would read as a wildcard. Jobs get their files through params.
+    Looked up once per file and Snakemake process (a slide's tile and export jobs share it).
     """
     path = str(path)
     return path if os.path.exists(path) and not re.search(r"\{\s*[.\w]+\s*[,}]", path) else None
@@ -75,7 +102,7 @@ def get_slide_input(wildcards):
 
 def get_slide_inputs(wildcards):
     """The slide file and, when the manifest names one, its annotations (those that can be inputs)."""
-    entry = SLIDES[wildcards.slide]
+    entry = slide_entry(wildcards)
     inputs = {"slide": as_input(entry.path)}
     if entry.annotations is not None:
         inputs["annotations"] = as_input(entry.annotations)
@@ -84,7 +111,7 @@ def get_slide_inputs(wildcards):
 
 def get_tile_args(wildcards):
     """Command-line flags of `wsi-scaat tile` for one slide, shell-quoted."""
-    entry, t = SLIDES[wildcards.slide], CFG.tiling
+    entry, t = slide_entry(wildcards), CFG.tiling
     args = [
         "--patch-size", t.patch_size, "--target-mpp", t.target_mpp, "--overlap", t.overlap,
         "--min-tissue", t.min_tissue, "--format", t.format, "--compression", t.compression,
@@ -107,8 +134,18 @@ def get_config_json(wildcards=None, section=None):
 
 
 def get_train_json(wildcards):
-    """The train settings of one model (a method or a train.runs entry) as JSON: a param of the train rule."""
-    return json.dumps(CFG.training_run(wildcards.method)[1].train.model_dump(mode="json"), sort_keys=True)
+    """The train settings of one model (a method or a train.runs entry) as JSON: a param of the train
+    rule (a change re-trains), without the number of open stores, which changes no result."""
+    train = CFG.training_run(wildcards.method)[1].train
+    return json.dumps(train.model_dump(mode="json", exclude={"max_open_stores"}), sort_keys=True)
+
+
+TRAIN_STORES = f"{RESULTS}/models/train_stores.txt"
+
+
+def write_store_list(path, stores):
+    """The list of the training stores (``TRAIN_STORES``): one a line, relative to the results folder."""
+    write_text(path, "".join(f"{os.path.relpath(store, RESULTS)}\n" for store in stores))
 
 
 def get_train_stores(wildcards):
@@ -120,14 +157,10 @@ def get_train_stores(wildcards):
     ]
 
 
-def get_gpus(wildcards=None):
-    """GPUs a training or inference job asks for: one when the config requests CUDA."""
-    return 1 if CFG.train.device == "cuda" else 0
-
-
-def get_train_gpus(wildcards=None):
-    """GPUs a training job asks for: train.gpus when it asks for several (one torchrun process each)."""
-    return CFG.train.gpus if CFG.train.gpus > 1 else get_gpus()
+# GPUs a training or inference job asks for: one when the config requests CUDA; a training job
+# train.gpus when it asks for several (one torchrun process each).
+GPUS = 1 if CFG.train.device == "cuda" else 0
+TRAIN_GPUS = CFG.train.gpus if CFG.train.gpus > 1 else GPUS
 
 
 def get_train_launcher(wildcards=None):
@@ -138,14 +171,12 @@ def get_train_launcher(wildcards=None):
     return f"{torchrun} --nproc_per_node {CFG.train.gpus} -m wsi_scaat"
 
 
-def get_checkpoint(wildcards):
-    """The checkpoint that explains the cohort: the configured one, or the model trained here."""
-    if CFG.model_checkpoint is not None:
-        return str(CFG.model_checkpoint)
-    return f"{RESULTS}/models/{wildcards.model}/best.pt"
+# The checkpoint that explains the cohort: the configured one (no braces, checked above), or the
+# model trained here (a pattern of the rule's `model` wildcard).
+CHECKPOINT = f"{RESULTS}/models/{{model}}/best.pt" if CFG.model_checkpoint is None else str(CFG.model_checkpoint)
 
 
-def get_saliency_args(wildcards):
+def saliency_args():
     """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
     s = CFG.saliency
     args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
@@ -155,7 +186,7 @@ def get_saliency_args(wildcards):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
-def get_stitch_args(wildcards):
+def stitch_args():
     """Flags of `wsi-scaat stitch` from the config, shell-quoted."""
     s = CFG.stitch
     args = ["--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
@@ -165,10 +196,14 @@ def get_stitch_args(wildcards):
     return " ".join(shlex.quote(str(a)) for a in args)
 
 
+SALIENCY_ARGS = fixed_param(saliency_args())
+STITCH_ARGS = fixed_param(stitch_args())
+
+
 def get_export_args(wildcards):
     """Flags of `wsi-scaat export` from the config and the manifest, shell-quoted."""
     e = CFG.export
-    args = ["--slide", SLIDES[wildcards.slide].path, "--colormap", e.colormap,
+    args = ["--slide", slide_entry(wildcards).path, "--colormap", e.colormap,
             "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
             "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
             "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um]
@@ -212,14 +247,19 @@ EXPORTS = {
 
 
 def get_final_outputs():
-    """Every final output of the workflow: stores, models (unless given), exports per model and slide."""
-    outputs = expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=sorted(SLIDES))
+    """Every final output of the workflow: stores, models (unless given), exports per model and slide.
+
+    One file per job: a job makes all its outputs, and Snakemake looks up the producer of every
+    requested file (most lookups of this rule were repeats). The patch store of an explained slide
+    comes with its exports; the others are asked for by name.
+    """
+    explained = sorted(s for s, e in SLIDES.items() if CFG.saliency.splits is None or e.split in CFG.saliency.splits)
+    tiled_only = sorted(set(SLIDES) - set(explained))
+    outputs = expand(f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}", slide=tiled_only)
     if CFG.model_checkpoint is None:
         outputs += expand(f"{RESULTS}/models/{{method}}/best.pt", method=TRAINED)
-    explained = sorted(s for s, e in SLIDES.items() if CFG.saliency.splits is None or e.split in CFG.saliency.splits)
     # Review exports for each run's first-seed model; the other seeds are for the evaluation only.
-    outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.{{kind}}", model=CFG.runs,
-                      slide=explained, kind=["tiles.geojson", "regions.geojson", "overlay.png"])
+    outputs += expand(f"{RESULTS}/export/{{model}}/{{slide}}.overlay.png", model=CFG.runs, slide=explained)
     if EVAL_SLIDES:
         outputs.append(f"{RESULTS}/evaluation/metrics.csv")
     return outputs

@@ -4,7 +4,7 @@
 
 rule evaluate_model:
     input:
-        checkpoint=get_checkpoint,
+        checkpoint=CHECKPOINT,
         tiles=get_eval_stores,
         saliency=get_eval_saliency,
         heatmaps=get_eval_heatmaps,
@@ -18,7 +18,7 @@ rule evaluate_model:
         settings=get_evaluate_json,
         outdir=get_grandparent,
     resources:
-        gpu=get_gpus,
+        gpu=GPUS,
     threads: 2
     conda:
         "envs/wsi-scaat.yaml"

@@ -4,15 +4,15 @@
 rule saliency:
     input:
         store=f"{RESULTS}/tiles/{{slide}}.{STORE_EXT}",
-        checkpoint=get_checkpoint,
+        checkpoint=CHECKPOINT,
     output:
         directory(f"{RESULTS}/saliency/{{model}}/{{slide}}.saliency.zarr"),
     params:
         wsi=WSI,
-        args=get_saliency_args,
+        args=SALIENCY_ARGS,
         outdir=get_parent,
     resources:
-        gpu=get_gpus,
+        gpu=GPUS,
     threads: 2
     conda:
         "envs/wsi-scaat.yaml"

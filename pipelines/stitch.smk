@@ -8,7 +8,7 @@ rule stitch:
         directory(f"{RESULTS}/heatmaps/{{model}}/{{slide}}.heatmap.zarr"),
     params:
         wsi=WSI,
-        args=get_stitch_args,
+        args=STITCH_ARGS,
     threads: 2
     conda:
         "envs/wsi-scaat.yaml"

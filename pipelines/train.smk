@@ -5,9 +5,25 @@
 # (see "Resuming after a crash" in docs/contracts.md).
 
 
+# The train and val stores, listed in one file that every model's training depends on: Snakemake
+# looks for the requested file in the input list of its producer each time a job asks for it, so a
+# training job with the whole cohort as inputs, asked for by every saliency job, would make the DAG
+# quadratic in the slides. A local job: it only writes the list.
+rule train_stores:
+    input:
+        get_train_stores,
+    output:
+        TRAIN_STORES,
+    log:
+        f"{RESULTS}/logs/train_stores.log",
+    localrule: True
+    run:
+        write_store_list(output[0], input)
+
+
 rule train:
     input:
-        stores=get_train_stores,
+        stores=TRAIN_STORES,
     output:
         best=f"{RESULTS}/models/{{method}}/best.pt",
         metrics=f"{RESULTS}/models/{{method}}/metrics.csv",
@@ -23,7 +39,7 @@ rule train:
         config=RESOLVED_CONFIG,
         outdir=get_parent,
     resources:
-        gpu=get_train_gpus,
+        gpu=TRAIN_GPUS,
     threads: 2
     conda:
         "envs/wsi-scaat.yaml"

@@ -42,3 +42,34 @@ def test_run_all_rejects_unknown_names(bench_modules: None, monkeypatch: pytest.
     monkeypatch.setattr(sys, "argv", ["run_all.py", "--only", "tiling,nope"])
     with pytest.raises(SystemExit):
         run_all.main()
+
+
+def test_workflow_scale_benchmark_rows(bench_modules: None) -> None:
+    import bench_workflow_scale
+
+    rows = bench_workflow_scale.run(sizes=[4, 8], summary_slides=20, models=["erm"])
+    assert [r["measured"] for r in rows] == [
+        "snakemake -n, 4 slides, 1 models",
+        "snakemake -n, 8 slides, 1 models",
+        "snakemake -n growth exponent, 4 -> 8 slides",
+        "wsi-scaat summarize, 20 slides (97% not run), 1 models",
+    ]
+    for row in rows[:2] + rows[3:]:
+        assert row["benchmark"] == "workflow scale" and row["unit"] == "s" and row["figure"] > 0
+        assert row["reference"].startswith("CPU ") and "peak RSS" in row["reference"]
+    assert isinstance(rows[2]["figure"], float) and isinstance(rows[2]["goal_met"], bool)
+
+
+def test_run_all_keeps_the_sections_written_by_hand(
+    bench_modules: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import run_all
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# old table\n\n{run_all.KEPT}\n\n## By hand\n\nbefore / after\n")
+    monkeypatch.setattr(run_all, "BENCHMARKS", {"none": ("bench_missing_module", "nothing")})
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--out", str(doc)])
+    run_all.main()
+    text = doc.read_text()
+    assert "# old table" not in text and text.startswith("# Benchmarks")
+    assert text.endswith(f"{run_all.KEPT}\n\n## By hand\n\nbefore / after\n")

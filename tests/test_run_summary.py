@@ -100,3 +100,54 @@ def test_summary_never_raises(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     _touch(cfg.results)  # a file where the results folder should be: the summary cannot be written
     assert summarize_quietly(cfg, [_entry("s")]) is None
     assert "run summary not written" in capsys.readouterr().err
+
+
+def test_each_log_is_read_once_and_each_folder_listed_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import collections
+    import os
+
+    from wsi_scaat import run_summary
+
+    cohort = {"name": "c", "manifest": str(tmp_path / "m.csv")}
+    cfg = validate_config({"cohort": cohort, "results_dir": str(tmp_path / "results"),
+                           "train": {"methods": ["erm", "scaat"]}})  # fmt: skip
+    root = cfg.results
+    slides = [_entry(f"s{i:02d}") for i in range(30)]
+    for entry in slides[:10]:
+        _tiled(root, entry.slide_id, WARNING)
+    for entry in slides[10:15]:
+        _touch(root / "logs/tile" / f"{entry.slide_id}.log", "wsi-scaat: error: x.svs: cannot open\n")
+    for model in ("erm", "scaat"):
+        _touch(root / "logs/train" / f"{model}.log", "wsi-scaat: error: no labelled patches\n")
+
+    reads: collections.Counter[Path] = collections.Counter()
+    listed: collections.Counter[str] = collections.Counter()
+    read_log, listdir = run_summary._read_log, os.listdir
+    monkeypatch.setattr(run_summary, "_read_log", lambda path: reads.update([path]) or read_log(path))
+    monkeypatch.setattr(os, "listdir", lambda path: listed.update([str(path)]) or listdir(path))
+    rows = collect(cfg, slides)
+
+    logs = {p for p in root.rglob("*.log")}
+    assert set(reads) == logs and set(reads.values()) == {1}  # 15 tile logs, 2 training logs
+    assert set(listed.values()) == {1}
+    statuses = collections.Counter((r.status, r.stage, r.model) for r in rows)
+    assert statuses == {("not run", "saliency", "erm"): 10, ("not run", "saliency", "scaat"): 10,
+                        ("failed", "tile", ""): 5, ("not run", "tile", ""): 15}  # fmt: skip
+    assert rows[0].reason == "model 'erm' failed to train: no labelled patches"
+    assert rows[0].warnings.startswith("tile: UserWarning:")
+
+
+def test_problem_lines_show_every_failure_and_count_the_rest() -> None:
+    from wsi_scaat.run_summary import SummaryRow, problem_lines
+
+    def row(sid: str, status: str) -> SummaryRow:
+        return SummaryRow(sid, f"/s/{sid}.svs", "", status, "tile", "why", "")
+
+    rows = [row(f"f{i}", "failed") for i in range(30)] + [row(f"n{i}", "not run") for i in range(25)]
+    rows += [row("ok", "ok"), row("k", "incomplete")]
+    lines = problem_lines(rows, limit=20)
+    assert lines[0] == "  f0: failed at tile: why" and sum("failed at" in x for x in lines) == 30
+    assert sum("not run at" in x for x in lines) == 20 and sum("incomplete at" in x for x in lines) == 1
+    assert lines[-1] == "  ... and 5 more not run (see run_summary.csv)" and not any("ok" in x for x in lines)

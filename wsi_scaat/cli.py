@@ -558,15 +558,13 @@ def summarize(
     """Write <results>/<cohort>/run_summary.csv: each slide's status, failing stage and one-line reason."""
     from wsi_scaat.config import load_config
     from wsi_scaat.manifest import read_manifest
-    from wsi_scaat.run_summary import describe, write_summary
+    from wsi_scaat.run_summary import describe, problem_lines, write_summary
 
     cfg = load_config(*config)
     path, rows = write_summary(cfg, read_manifest(cfg.cohort.manifest))
     typer.echo(describe(path, rows))
-    for row in rows:
-        if row.status != "ok":
-            model = f" [{row.model}]" if row.model else ""
-            typer.echo(f"  {row.slide_id}{model}: {row.status} at {row.stage}: {row.reason}")
+    for line in problem_lines(rows):
+        typer.echo(line)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,6 +53,11 @@ class TrainConfig(Section):
     )
     seed: int = 0
     num_workers: int = Field(0, ge=0, le=64)
+    max_open_stores: int = Field(
+        128, ge=1, le=65536,
+        description="patch stores each data-loading process keeps open (least recently used closed first); "
+        "keep it well below `ulimit -n`",
+    )  # fmt: skip
     amp: bool = True
     channels_last: bool = True
     deterministic: bool = True

@@ -15,13 +15,17 @@ model when the slide stops before any model stage, or is not explained at all), 
 
 Everything is read from the stage outputs and logs under the results folder (the layout of
 ``pipelines/*.smk``), so the summary can be rebuilt at any time with ``wsi-scaat summarize``; the
-workflow writes it at the end of every run, failed or not.
+workflow writes it at the end of every run, failed or not. For a cohort of thousands of slides it
+lists each folder once and reads each log at most once (a slide's tile log serves all its models, a
+model's training log all its slides); slides without outputs or logs cost no file access.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -86,7 +90,16 @@ def log_error(log: Path) -> str | None:
     The CLI's ``wsi-scaat: error: <file>: <cause>`` line (the last one, without the prefix), else
     the last line of a traceback.
     """
-    lines = [line for line in _read_log(log) if line]
+    return _error(_read_log(log))
+
+
+def log_warnings(log: Path) -> list[str]:
+    """The package's warnings in a log, one line each (``Category: message``), in order, once each."""
+    return _warnings(_read_log(log))
+
+
+def _error(lines: list[str]) -> str | None:
+    lines = [line for line in lines if line]
     errors = [line for line in lines if line.startswith(ERROR_PREFIX)]
     if errors:
         return _one_line(errors[-1][len(ERROR_PREFIX) :])
@@ -95,10 +108,9 @@ def log_error(log: Path) -> str | None:
     return None
 
 
-def log_warnings(log: Path) -> list[str]:
-    """The package's warnings in a log, one line each (``Category: message``), in order, once each."""
+def _warnings(lines: list[str]) -> list[str]:
     out: list[str] = []
-    for line in _read_log(log):
+    for line in lines:
         match = _WARNING_RE.match(line)
         if match:
             text = _one_line(f"{match['cat']}: {match['msg']}")
@@ -113,8 +125,42 @@ class _Stage:
     outputs: tuple[Path, ...]
     log: Path
 
-    def done(self) -> bool:
-        return all(p.exists() for p in self.outputs)
+
+class _Results:
+    """The results folder as the summary reads it: each folder listed once, each log read once."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._names: dict[Path, frozenset[str]] = {}
+        self._logs: dict[Path, tuple[str | None, list[str]]] = {}
+        self._models: dict[str, str | None] = {}
+
+    def exists(self, path: Path) -> bool:
+        """Whether ``path`` is there (an entry of its folder's listing)."""
+        folder = path.parent
+        names = self._names.get(folder)
+        if names is None:
+            try:
+                names = frozenset(os.listdir(folder))
+            except OSError:
+                names = frozenset()
+            self._names[folder] = names
+        return path.name in names
+
+    def done(self, stage: _Stage) -> bool:
+        return all(self.exists(p) for p in stage.outputs)
+
+    def log(self, path: Path) -> tuple[str | None, list[str]]:
+        """(error, warnings) of a job's log (None, [] when there is none)."""
+        if path not in self._logs:
+            lines = _read_log(path) if self.exists(path) else []
+            self._logs[path] = (_error(lines), _warnings(lines))
+        return self._logs[path]
+
+    def model_missing(self, model: str) -> str | None:
+        if model not in self._models:
+            self._models[model] = _model_missing(self.cfg, model)
+        return self._models[model]
 
 
 def _stages(cfg: Config, slide_id: str, model: str | None) -> list[_Stage]:
@@ -160,22 +206,23 @@ def _explained(cfg: Config, entry: SlideEntry) -> bool:
     return splits is None or entry.split in splits
 
 
-def _walk(cfg: Config, entry: SlideEntry, model: str | None) -> SummaryRow:
+def _walk(results: _Results, entry: SlideEntry, model: str | None) -> SummaryRow:
     """Status of one slide through the stages of one model (tile only when ``model`` is None)."""
+    cfg = results.cfg
     warnings: list[str] = []
     status, stage_name, reason = "ok", "", ""
     for stage in _stages(cfg, entry.slide_id, model):
-        warnings += [f"{stage.name}: {w}" for w in log_warnings(stage.log)]
-        if stage.done():
+        cause, logged = results.log(stage.log)
+        warnings += [f"{stage.name}: {w}" for w in logged]
+        if results.done(stage):
             continue
         stage_name = stage.name
-        cause = log_error(stage.log)
         if cause is not None:
             status, reason = "failed", cause
-        elif stage.log.is_file():
+        elif results.exists(stage.log):
             status, reason = "incomplete", f"no output and no error in {_rel(cfg, stage.log)} (killed?)"
         else:
-            missing = _model_missing(cfg, model) if stage.name == "saliency" and model else None
+            missing = results.model_missing(model) if stage.name == "saliency" and model else None
             status, reason = "not run", missing or "no output yet (not requested, or stopped before it)"
         break
     return SummaryRow(entry.slide_id, str(entry.path), model or "", status, stage_name, reason,
@@ -184,13 +231,14 @@ def _walk(cfg: Config, entry: SlideEntry, model: str | None) -> SummaryRow:
 
 def collect(cfg: Config, slides: Iterable[SlideEntry]) -> list[SummaryRow]:
     """Summary rows of ``slides`` under ``cfg``'s results folder, in manifest order."""
+    results = _Results(cfg)
     rows: list[SummaryRow] = []
     for entry in slides:
-        tile = _walk(cfg, entry, None)
+        tile = _walk(results, entry, None)
         if tile.status != "ok" or not _explained(cfg, entry):
             rows.append(tile)
             continue
-        rows += [_walk(cfg, entry, model) for model in cfg.runs]  # per-slide exports: first seeds
+        rows += [_walk(results, entry, model) for model in cfg.runs]  # per-slide exports: first seeds
     return rows
 
 
@@ -218,6 +266,23 @@ def describe(path: Path, rows: list[SummaryRow]) -> str:
         counts[row.status] = counts.get(row.status, 0) + 1
     parts = ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "no slides"
     return f"run summary: {path} ({parts})"
+
+
+def problem_lines(rows: list[SummaryRow], limit: int = 20) -> list[str]:
+    """The rows that are not ok, one line each: every failure, at most ``limit`` of each other status
+    (a large cohort early in its run has thousands of ``not run``), then how many more there are."""
+    lines, shown, more = [], collections.Counter(), collections.Counter()
+    for row in rows:
+        if row.status == "ok":
+            continue
+        if row.status != "failed" and shown[row.status] >= limit:
+            more[row.status] += 1
+            continue
+        shown[row.status] += 1
+        model = f" [{row.model}]" if row.model else ""
+        lines.append(f"  {row.slide_id}{model}: {row.status} at {row.stage}: {row.reason}")
+    lines += [f"  ... and {n} more {status} (see {FILE_NAME})" for status, n in sorted(more.items())]
+    return lines
 
 
 def summarize_quietly(cfg: Config, slides: Iterable[SlideEntry]) -> Path | None:

@@ -9,10 +9,13 @@
 #      (train, saliency, evaluate_model) are scheduled and accounted; torch finds no CUDA and
 #      runs on the CPU;
 #   3. runs a small demo (configs/demo.yaml with 3 slides of 1536 px, erm only, 2 epochs:
-#      15 jobs) through the profile, then the same workflow locally (--cores 2);
-#   4. checks with sacct that every Snakemake job ran as one SLURM job that COMPLETED (per rule,
-#      GPU jobs with gres/gpu), and that both runs' outputs are equal
-#      (tests/cluster/compare_outputs.py).
+#      16 Snakemake jobs) through the profile, then the same workflow locally (--cores 2); before
+#      that, a dry run of the profile with WSI_SCAAT_SLURM_SLIDES_PER_JOB=2 (batches of slides);
+#   4. checks with sacct the grouped submissions: tile, train, evaluate_model and evaluate one
+#      SLURM job per Snakemake job, saliency + stitch + export one SLURM job per slide (a group
+#      job), train_stores none (a local rule), all COMPLETED, the GPU jobs with gres/gpu: 9 SLURM
+#      jobs instead of 15; that the local run ran each stage as its own job (no groups); and that
+#      both runs' outputs are equal (tests/cluster/compare_outputs.py).
 # Exit status 0 and a last line `PASS: ...` when all holds; otherwise `FAIL: <what>`, the tails of
 # the daemons' logs, and the Snakemake log to read.
 #
@@ -251,7 +254,22 @@ CONFIG=(--configfile "$REPO/configs/demo.yaml" "$WORK/small.yaml")
 # checkpoint a saliency map was made with), equal only when the runs write to the same place.
 # The SLURM run's results and .snakemake (SLURM logs) are moved aside before the local run.
 SMK=("$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORK/run")
-mkdir -p "$WORK/run"
+mkdir -p "$WORK/run" "$WORK/batched"
+
+# Batches of 2 slides (dry run: the groups Snakemake would submit): 3 slides -> for the one
+# model, 2 jobs of saliency + stitch + export (tiling is never grouped).
+WSI_SCAAT_SLURM_SLIDES_PER_JOB=2 "$PY" -m snakemake --snakefile "$REPO/Snakefile" --directory "$WORK/batched" \
+    -n --profile "$REPO/configs/profiles/slurm" "${CONFIG[@]}" >"$WORK/log/snakemake-batched-dryrun.log" 2>&1 ||
+    fail "the dry run with WSI_SCAAT_SLURM_SLIDES_PER_JOB=2 failed (see $WORK/log/snakemake-batched-dryrun.log)"
+"$PY" - "$WORK/log/snakemake-batched-dryrun.log" <<'PY' || fail "batched groups"
+import collections, re, sys
+
+log = open(sys.argv[1]).read()
+groups = collections.Counter(re.findall(r"Group job (\S+) \(jobs", log))
+print(f"dry run, 2 slides per job: group jobs {dict(sorted(groups.items()))}")
+if groups != {"slides_erm": 2}:
+    sys.exit(f"expected 2 group jobs 'slides_erm', got {dict(groups)}")
+PY
 log "SLURM run: snakemake --profile configs/profiles/slurm (log: $WORK/log/snakemake-slurm.log)"
 t=$SECONDS
 "${SMK[@]}" --profile "$REPO/configs/profiles/slurm" \
@@ -276,35 +294,47 @@ RUN_ID=$(grep -oE 'SLURM run ID: [0-9a-f-]+' "$WORK/log/snakemake-slurm.log" | h
 # one row per SLURM job of this run (-X: allocations, not steps): id|comment|state|tres
 sacct -X -n -P --name "$RUN_ID" --starttime now-1days --format=JobID,Comment%200,State,AllocTRES%200 \
     >"$WORK/log/sacct.txt"
-"$PY" - "$WORK/log/snakemake-slurm.log" "$WORK/log/sacct.txt" <<'PY' || fail "sacct check"
+"$PY" - "$WORK/log/snakemake-slurm.log" "$WORK/log/sacct.txt" "$WORK/log/snakemake-local.log" <<'PY' || fail "sacct check"
 import collections, re, sys
 
-log, rows = open(sys.argv[1]).read(), [l.split("|") for l in open(sys.argv[2]).read().splitlines() if l]
-# Snakemake's "Job stats" table: the jobs it planned per rule; 'all' runs no command, no job
-table = log.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-planned = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] not in ("all", "total")}
-done = re.findall(r"(\d+) of (\d+) steps \(100%\) done", log)
-if not done:
+def planned_jobs(log):
+    """Snakemake's "Job stats" table: the jobs it planned per rule ('all' runs no command, no job)."""
+    table = log.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] not in ("all", "total")}
+
+log, local = open(sys.argv[1]).read(), open(sys.argv[3]).read()
+rows = [l.split("|") for l in open(sys.argv[2]).read().splitlines() if l]
+planned = planned_jobs(log)
+if not re.findall(r"(\d+) of (\d+) steps \(100%\) done", log):
     sys.exit("Snakemake did not report 100% done")
-per_rule, states, gpu = collections.Counter(), collections.Counter(), collections.Counter()
-for jobid, comment, state, tres in rows:  # the plugin's comment: rule_<rule>[_wildcards_<values>]
+GROUPED, LOCAL = ("saliency", "stitch", "export"), ("train_stores",)
+slides = planned["saliency"] // planned["train"]  # one group job per explained slide
+expected = {r: n for r, n in planned.items() if r not in GROUPED + LOCAL} | {"group slide_*": slides}
+per_kind, states, gpu = collections.Counter(), collections.Counter(), collections.Counter()
+for jobid, comment, state, tres in rows:
+    # the plugin's comment: rule_<rule>[_wildcards_<values>]; for a group job
+    # rule_<group id>_<its rules joined by _>, e.g. rule_slide_synth_000_export_saliency_stitch
     rules = [r for r in planned if comment == f"rule_{r}" or comment.startswith(f"rule_{r}_wildcards_")]
-    rule = max(rules, key=len) if rules else f"?{comment}"
-    per_rule[rule] += 1
+    group = re.fullmatch(r"rule_slide_(.+)_export_saliency_stitch(_wildcards_.*)?", comment)
+    kind = "group slide_*" if group else (max(rules, key=len) if rules else f"?{comment}")
+    per_kind[kind] += 1
     states[state] += 1
     if "gres/gpu=" in tres:
-        gpu[rule] += 1
-print(f"sacct: {len(rows)} SLURM jobs, {dict(states)}; per rule: {dict(sorted(per_rule.items()))};"
+        gpu[kind] += 1
+print(f"sacct: {len(rows)} SLURM jobs, {dict(states)}; per rule or group: {dict(sorted(per_kind.items()))};"
       f" with a GPU: {dict(sorted(gpu.items()))}")
 print(f"Snakemake planned {sum(planned.values())} jobs: {dict(sorted(planned.items()))}")
 errors = []
 if states != {"COMPLETED": len(rows)}:
     errors.append(f"not all SLURM jobs COMPLETED: {dict(states)}")
-if dict(per_rule) != planned:
-    errors.append(f"SLURM jobs per rule {dict(per_rule)} != Snakemake's jobs {planned}")
-for rule in ("train", "saliency", "evaluate_model"):  # the profile's GPU jobs
-    if planned.get(rule) and gpu[rule] != planned[rule]:
-        errors.append(f"{rule}: {gpu[rule]} of {planned[rule]} jobs got a GPU (gres/gpu)")
+if dict(per_kind) != expected:
+    errors.append(f"SLURM jobs {dict(per_kind)} != the grouped submissions expected {expected}")
+for kind in ("train", "group slide_*", "evaluate_model"):  # the profile's GPU jobs
+    if gpu[kind] != expected.get(kind, 0):
+        errors.append(f"{kind}: {gpu[kind]} of {expected.get(kind, 0)} jobs got a GPU (gres/gpu)")
+# locally, no groups: every stage of every slide its own job, as many as the SLURM run planned
+if planned_jobs(local) != planned or "Group job" in local:
+    errors.append(f"the local run planned {planned_jobs(local)} (groups: {'Group job' in local}), not {planned}")
 if errors:
     sys.exit("; ".join(errors))
 PY

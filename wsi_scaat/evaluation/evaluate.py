@@ -245,7 +245,7 @@ def evaluate_model(
     lesion = cfg.tiling.annotation_class
     lesion_class = class_names.index(lesion) if lesion in class_names else len(class_names) - 1
     rows: dict[str, dict[tuple[str, int], float]] = {m: {} for m in PATCH_METRICS}
-    labels_all, probs_all, eligible = [], [], []
+    labels_all, probs_all, targets, eligible = [], [], [], []
     hist_pos, hist_neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     slide_hists = np.zeros((len(slides), 2, 2 * HIST_BINS))  # [heatmap, probability] x [pos | neg]
     per_slide = []
@@ -265,7 +265,8 @@ def evaluate_model(
             raise EvaluationError(s.saliency, f"{len(probs)} patches but the patch store has {len(labels)}")
         labels_all.append(labels)
         probs_all.append(probs)
-        eligible.append(sal.array("target") == labels)  # faithfulness: maps of the patch's true class
+        targets.append(sal.array("target"))
+        eligible.append(targets[-1] == labels)  # faithfulness: maps of the patch's true class
         keys_all = [(s.slide_id, i) for i in range(len(labels))]
         rows["correct"].update(zip(keys_all, (probs.argmax(1) == labels).astype(float).tolist(), strict=True))
         maps, m = sal.maps, int(sal.attrs["map_size"])
@@ -317,9 +318,10 @@ def evaluate_model(
     gen = torch.Generator().manual_seed(ec.seed)
     noise = torch.Generator().manual_seed(ec.seed + 7)  # the random deletion order, same for every model
     twin = randomised_copy(net, ec.seed) if ec.randomisation else None
-    for s, idx in zip(slides, chosen, strict=True):
+    for s, idx, target_all in zip(slides, chosen, targets, strict=True):
+        if not len(idx):  # most slides of a large cohort: not opened again
+            continue
         sal = open_saliency_store(s.saliency)
-        target_all = sal.array("target")
         with open_store(s.tiles) as tiles:
             for a in range(0, len(idx), ec.batch_size):
                 sel = idx[a : a + ec.batch_size]

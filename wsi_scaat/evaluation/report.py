@@ -222,15 +222,21 @@ def _normalise(m: np.ndarray) -> np.ndarray:
 def pick_figure_patches(cfg: Config, model: str, n: int) -> list[tuple[str, int, float]]:
     """(slide_id, patch, lesion fraction) of ``n`` held-out patches for the figure grid: lesion
     borders first (fraction closest to one half), then the most lesion, deterministic."""
+    import heapq
+    from collections.abc import Iterator
+
     from wsi_scaat.store import open_store
 
-    found = []
-    for s in eval_slides(cfg, model):
-        with open_store(s.tiles) as tiles:
-            lf = tiles.array("lesion_fraction") if "lesion_fraction" in tiles else tiles.array("labels")
-        found += [(abs(float(v) - 0.5), s.slide_id, int(i), float(v)) for i, v in enumerate(lf) if v > 0]
-    found.sort()
-    return [(sid, i, v) for _, sid, i, v in found[:n]]
+    # each store read once; only the best n kept, whatever the size of the cohort
+    def candidates() -> Iterator[tuple[float, str, int, float]]:
+        for s in eval_slides(cfg, model):
+            with open_store(s.tiles) as tiles:
+                lf = tiles.array("lesion_fraction") if "lesion_fraction" in tiles else tiles.array("labels")
+            for i, v in enumerate(lf):
+                if v > 0:
+                    yield abs(float(v) - 0.5), s.slide_id, i, float(v)
+
+    return [(sid, i, v) for _, sid, i, v in heapq.nsmallest(n, candidates())]
 
 
 def figure_grid(cfg: Config, models: list[str], out: Path) -> Path:

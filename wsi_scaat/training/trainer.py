@@ -53,7 +53,7 @@ class TrainJob:
     @property
     def train_hash(self) -> str:
         """What must be unchanged for ``--resume`` to continue a run (not the number of processes)."""
-        train = self.cfg.train.model_dump(mode="json", exclude={"gpus", "dist_backend"})
+        train = self.cfg.train.model_dump(mode="json", exclude={"gpus", "dist_backend", "max_open_stores"})
         return config_hash(
             {"method": self.method_name, "train": train,
              "tiling": self.cfg.tiling.model_dump(mode="json"), "manifest": str(self.cfg.cohort.manifest)}
@@ -121,7 +121,7 @@ def build_job(
         entries = splits.get(split, [])
         return PatchDataset(
             [p for p, _ in entries], label_source=tc.label_source, slide_labels=[lab for _, lab in entries],
-            transform=build_augment(tc.augment, train=train, seed=tc.seed),
+            transform=build_augment(tc.augment, train=train, seed=tc.seed), max_open=tc.max_open_stores,
         )  # fmt: skip
 
     train_ds, val_ds = dataset("train", True), dataset("val", False)
