@@ -139,3 +139,16 @@ def test_run_seeds_must_be_a_count() -> None:
             "train": {"runs": {"x": {"method": "scaat", "seeds": 0}}}}  # fmt: skip
     with pytest.raises(ConfigError, match="'seeds' must be an integer from 1 to 100"):
         validate_config(data)
+
+
+def test_config_and_cli_import_without_torch() -> None:
+    """Validating a config (every Snakemake process, every job) and the CLI's defaults need no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, wsi_scaat.config, wsi_scaat.cli, wsi_scaat.run_summary, wsi_scaat.manifest; "
+        "print(sorted(m for m in ('torch', 'albumentations', 'cv2') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -12,9 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from wsi_scaat.data.augment import AugmentConfig
 from wsi_scaat.errors import ConfigError
-from wsi_scaat.models import ModelConfig
+from wsi_scaat.learning_sections import AdvGradConfig, AugmentConfig, ModelConfig, ScaatConfig, SgtConfig
 from wsi_scaat.schema import Section
 from wsi_scaat.sections import (  # noqa: F401 - re-exported: every section is importable from here
     NAME_RE,
@@ -27,7 +26,6 @@ from wsi_scaat.sections import (  # noqa: F401 - re-exported: every section is i
     TilingConfig,
     TissueConfig,
 )
-from wsi_scaat.training.methods import AdvGradConfig, ScaatConfig, SgtConfig
 
 Method = Literal["erm", "scaat", "advgrad", "sgt"]
 METHOD_NAMES = ("erm", "scaat", "advgrad", "sgt")

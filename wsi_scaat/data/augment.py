@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field
 
-from wsi_scaat.schema import Section
+from wsi_scaat.learning_sections import AugmentConfig  # noqa: F401 - re-exported
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would check PyPI at import
 import albumentations as A  # noqa: E402
@@ -55,26 +54,6 @@ def stain_matrix_usable(matrix: np.ndarray) -> bool:
         return False
     cos = float(np.clip(abs(m[0] @ m[1]), 0.0, 1.0))
     return bool(np.degrees(np.arccos(cos)) >= _MIN_STAIN_ANGLE_DEG)
-
-
-class AugmentConfig(Section):
-    """Training-time patch augmentation (evaluation never augments)."""
-
-    flips: bool = Field(True, description="random horizontal and vertical flips")
-    rotate90: bool = Field(True, description="random rotation by a multiple of 90 degrees")
-    color_jitter: float = Field(
-        0.1, ge=0, le=1, description="brightness/contrast/saturation strength; hue = strength/4; 0 = off"
-    )
-    hed_jitter: float = Field(
-        0.0, ge=0, le=1, description="sigma of the HED-space stain jitter of Tellez et al.; 0 = off"
-    )
-    blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a Gaussian blur, sigma in [0.1, 1]")
-    stain_augmentor: bool = Field(
-        False, description="tiatoolbox Macenko StainAugmentor (sigma1=0.4, sigma2=0.2)"
-    )
-    stain_reference: Path | None = Field(
-        None, description="RGB image to fit the StainAugmentor's stain matrix on; None = fit on each patch"
-    )
 
 
 class HEDJitter(A.ImageOnlyTransform):

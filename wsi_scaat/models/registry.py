@@ -11,15 +11,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from wsi_scaat.errors import WsiScaatError
+from wsi_scaat.learning_sections import ModelConfig  # noqa: F401 - re-exported
 from wsi_scaat.models.small_cnn import SmallCNN
-from wsi_scaat.schema import Section
 
 Builder = Callable[["ModelConfig", int], nn.Module]
 MODELS: dict[str, Builder] = {}
@@ -27,31 +25,6 @@ MODELS: dict[str, Builder] = {}
 
 class ModelWeightsError(WsiScaatError):
     """A weights file is missing, unreadable or does not fit the model."""
-
-
-class ModelConfig(Section):
-    """The patch classifier."""
-
-    name: Literal["small_cnn", "resnet18", "efficientnet_b0"] = Field("small_cnn", description="backbone")
-    width: int = Field(32, ge=4, le=1024, description="base channels of small_cnn")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout before small_cnn's linear head")
-    downsample: Literal["stride", "blur", "avgpool"] = Field(
-        "stride",
-        description="how small_cnn halves the resolution: stride-2 convolutions (their input gradients "
-        "alias onto the pixel grid), blur then stride (anti-aliased), or average pooling",
-    )
-    weights: Path | None = Field(
-        None, description="local state_dict or checkpoint (key 'model') to start from; None = random init"
-    )
-    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="input normalisation mean")
-    std: tuple[float, float, float] = Field((0.25, 0.25, 0.25), description="input normalisation std")
-
-    @field_validator("std")
-    @classmethod
-    def _positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(v) <= 0:
-            raise ValueError("std must be positive")
-        return v
 
 
 def register(name: str) -> Callable[[Builder], Builder]:

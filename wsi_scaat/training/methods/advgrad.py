@@ -9,34 +9,15 @@ See docs/methods.md.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from wsi_scaat.schema import Section
+from wsi_scaat.learning_sections import AdvGradConfig  # noqa: F401 - re-exported
 from wsi_scaat.training.distributed import unwrap
 from wsi_scaat.training.methods.base import Method, StepOutput, frozen_bn_stats, stats_dict
-
-
-class AdvGradConfig(Section):
-    """Knobs of norm-regularised adversarial training (``train.advgrad``)."""
-
-    variant: Literal["l1", "elastic", "group"] = Field(
-        "l1", description="gradient norm penalised: l1, elastic (l1 + squared l2) or group (sum of group l2)"
-    )
-    mode: Literal["fast", "iterative"] = Field(
-        "fast", description="fast: one-gradient closed form; iterative: `steps` projected ascent steps"
-    )
-    eps: float = Field(0.01, ge=0, le=1, description="attack radius, pixel units (elastic: eps1, l1 weight)")
-    eps2: float = Field(0.01, gt=0, le=100, description="elastic only: squared-l2 penalty weight")
-    group_size: int = Field(4, ge=1, le=1024, description="group only: side G of the G x G groups")
-    steps: int = Field(7, ge=1, le=1000, description="iterative only: number of ascent steps")
-    step_size: float = Field(
-        0.3, gt=0, le=10, description="iterative step: x eps for l1/group; per-sample l2 length for elastic"
-    )
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

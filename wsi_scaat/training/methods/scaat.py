@@ -25,15 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from wsi_scaat.schema import Section
+from wsi_scaat.learning_sections import ScaatConfig  # noqa: F401 - re-exported
 from wsi_scaat.training.distributed import uniform_like_batch, unwrap
 from wsi_scaat.training.methods.base import (
     Method,
@@ -48,56 +47,6 @@ from wsi_scaat.training.methods.base import (
     stable_argsort,
     stats_dict,
 )
-
-
-class ScaatConfig(Section):
-    """Knobs of SCAAT (``train.scaat``)."""
-
-    mask_ratio: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="fraction of each patch's pixels (least salient first) that may be perturbed",
-    )
-    eps: float = Field(0.1, ge=0, le=1, description="l-inf budget (pixel units) of the least salient pixel")
-    gamma: float = Field(
-        1.0, ge=0, le=100, description="budget decay: eps_i = eps * (1 - r_i) ** gamma, r_i = saliency rank"
-    )
-    steps: int = Field(1, ge=0, le=100, description="PGD sign-steps after the random start")
-    alpha: float | None = Field(None, gt=0, le=1, description="PGD step size in pixel units; null: eps")
-    lam: float = Field(1.0, ge=0, le=1000, description="weight of the KL(clean || perturbed) term")
-    warmup_epochs: float = Field(
-        2.0, ge=0, le=1000, description="epochs of linear mask_ratio ramp-up from 0 (0: none)"
-    )
-    bf16_search: bool | Literal["auto"] = Field(
-        "auto",
-        description="saliency and PGD passes under bfloat16 autocast (faster; loss unchanged); "
-        "auto: where the hardware computes bf16 natively",
-    )
-    saliency_bn: Literal["train", "eval"] = Field(
-        "train",
-        description="BatchNorm mode of the saliency pass that ranks pixels: batch statistics (train) or "
-        "running statistics (eval, as the saliency maps users see are computed)",
-    )
-    rank_saliency: Literal["gradient", "smoothed_input"] = Field(
-        "gradient",
-        description="the saliency that ranks pixels: the input gradient, or the gradient at a "
-        "Gaussian-smoothed input (sigma rank_sigma pixels)",
-    )
-    rank_sigma: float = Field(1.0, gt=0, le=16, description="sigma (pixels) of rank_saliency: smoothed_input")
-    mask: Literal["lowest", "sampled"] = Field(
-        "lowest",
-        description="perturbable pixels: the lowest-saliency mask_ratio of them, or each drawn with a "
-        "probability falling linearly with its saliency rank (mask_ratio of them on average)",
-    )
-    detach_target: bool = Field(
-        True,
-        description="treat the clean distribution as a constant in the KL term (false: it is trained too)",
-    )
-    kl: Literal["forward", "symmetric"] = Field(
-        "forward",
-        description="KL(clean || perturbed), or the mean of both directions",
-    )
 
 
 def scaat_effective_ratio(mask_ratio: float, warmup_epochs: float, progress: float) -> float:

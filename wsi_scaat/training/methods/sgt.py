@@ -12,10 +12,9 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from wsi_scaat.schema import Section
+from wsi_scaat.learning_sections import SgtConfig  # noqa: F401 - re-exported
 from wsi_scaat.training.distributed import uniform_like_batch, unwrap
 from wsi_scaat.training.methods.base import (
     Method,
@@ -26,15 +25,6 @@ from wsi_scaat.training.methods.base import (
     num_selected,
     stats_dict,
 )
-
-
-class SgtConfig(Section):
-    """Knobs of saliency guided training (``train.sgt``)."""
-
-    mask_fraction: float = Field(
-        0.5, ge=0, le=1, description="fraction of input elements (least salient first) set to noise"
-    )
-    lam: float = Field(1.0, ge=0, le=1000, description="weight of the KL(clean || masked) term")
 
 
 def sgt_mask_input(
