@@ -148,7 +148,7 @@ def get_saliency_args(wildcards):
     """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
     s = CFG.saliency
     args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
-            "--batch-size", s.batch_size, "--device", s.device]
+            "--batch-size", s.batch_size, "--device", s.device, "--overlap", s.overlap]
     for key, value in sorted(s.options.items()):
         args += ["--option", f"{key}={value}"]
     return " ".join(shlex.quote(str(a)) for a in args)
@@ -157,7 +157,7 @@ def get_saliency_args(wildcards):
 def get_stitch_args(wildcards):
     """Flags of `wsi-scaat stitch` from the config, shell-quoted."""
     s = CFG.stitch
-    args = ["--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
+    args = ["--value", s.value, "--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
             "--high-percentile", s.high_percentile, "--mask-tissue" if s.mask_tissue else "--no-mask-tissue"]
     if s.scheduler:
         args += ["--scheduler", s.scheduler]

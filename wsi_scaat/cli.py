@@ -306,6 +306,9 @@ def saliency(
         SaliencyConfig, "batch_size"
     ),
     device: Annotated[str, typer.Option(help=_h(SaliencyConfig, "device"))] = _d(SaliencyConfig, "device"),
+    overlap: Annotated[int, typer.Option(min=0, help=_h(SaliencyConfig, "overlap"))] = _d(
+        SaliencyConfig, "overlap"
+    ),
     option: Annotated[
         list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
     ] = None,
@@ -325,6 +328,7 @@ def saliency(
         device=device,
         options=_options(option),
         progress=progress,
+        overlap=overlap,
     )
     typer.echo(f"wrote {path}")
 
@@ -334,6 +338,7 @@ def saliency(
 def stitch(
     saliency_store: Annotated[Path, typer.Argument(help="A <slide_id>.saliency.zarr store.")],
     out: Annotated[Path, typer.Option(help="The <slide_id>.heatmap.zarr pyramid to write.")],
+    value: Annotated[str, typer.Option(help=_h(StitchConfig, "value"))] = _d(StitchConfig, "value"),
     chunk: Annotated[int, typer.Option(min=64, help=_h(StitchConfig, "chunk"))] = _d(StitchConfig, "chunk"),
     window: Annotated[str, typer.Option(help=_h(StitchConfig, "window"))] = _d(StitchConfig, "window"),
     low_percentile: Annotated[
@@ -363,6 +368,7 @@ def stitch(
         mask_tissue=mask_tissue,
         scheduler=scheduler,
         progress=progress,
+        value=value,
     )
     typer.echo(f"wrote {path}")
 

@@ -107,9 +107,19 @@ class SaliencyConfig(Section):
     splits: list[str] | None = Field(
         None, description="manifest splits explained, stitched and exported (null: every slide)"
     )
+    overlap: int = Field(
+        0, ge=0, le=4096,
+        description="patch pixels shared by neighbouring explained patches (extra patches cut between the "
+        "store's; e.g. half a patch, so that blending hides the patch borders); 0: the store's patches only",
+    )  # fmt: skip
 
 
 class StitchConfig(Section):
+    value: Literal["saliency", "evidence", "weighted", "probability"] = Field(
+        "saliency",
+        description="what the heatmap shows: saliency (|attribution|), evidence (attribution > 0), weighted "
+        "(saliency x p(target)) or probability (p(target) over each patch)",
+    )
     chunk: int = Field(1024, ge=64, le=16384, description="heatmap chunk side (pixels)")
     window: Literal["hann", "flat"] = Field("hann", description="blending window of overlapping patches")
     low_percentile: float = Field(1.0, ge=0, le=100, description="normalisation: low clip percentile")
