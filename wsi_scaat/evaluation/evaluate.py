@@ -13,7 +13,8 @@ and the stitched heatmap, and measures:
   when there are enough): deletion and insertion AUC, ROAD (MoRF and LeRF) and the reconstruction
   check, all for that class;
 - at slide level: the AUROC of the stitched heatmap against the lesion mask inside the tissue, per
-  slide and pooled over the slides with lesion.
+  slide and pooled over the slides with lesion; and that of every heatmap value (``stitch.value``),
+  blended from the saliency store on a bounded grid (:func:`~wsi_scaat.evaluation.slide_auroc.value_aurocs`).
 
 Writes ``<out>/models/<model>.json`` (the summary) and ``<out>/models/<model>.patches.csv`` (one row
 per patch and metric value, for paired comparisons), each atomically.
@@ -39,7 +40,7 @@ from wsi_scaat.atomic import write_json, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.evaluation.groundtruth import LesionRegion
-from wsi_scaat.evaluation.slide_auroc import BINS, auroc_from_histograms, heatmap_histograms
+from wsi_scaat.evaluation.slide_auroc import BINS, auroc_from_histograms, heatmap_histograms, value_aurocs
 from wsi_scaat.manifest import read_manifest
 from wsi_scaat.metrics import (
     auroc,
@@ -283,6 +284,7 @@ def evaluate_model(
         "auroc": _finite(auroc(probs_cat[:, lesion_class], labels_cat == lesion_class)),
         "heatmap_auroc": _finite(auroc_from_histograms(hist_pos, hist_neg)),
         "heatmap_auroc_slides": sum(1 for r in per_slide if r["heatmap_auroc"] is not None),
+        "heatmap_auroc_by_value": value_aurocs(slides, regions, cfg.stitch),
         "per_slide": per_slide, "wsi_scaat_version": __version__,
         "evaluate": ec.model_dump(mode="json"),
     }  # fmt: skip

@@ -15,6 +15,8 @@ from wsi_scaat.atomic import atomic_output, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.evaluation.evaluate import PATCH_METRICS, eval_slides, load_summaries
 from wsi_scaat.evaluation.groundtruth import LesionRegion
+from wsi_scaat.evaluation.slide_auroc import EVAL_MAX_SIDE
+from wsi_scaat.heatmaps.values import VALUES
 
 # (key, column title, True when higher is better) of the markdown table, in order.
 COLUMNS = (
@@ -32,9 +34,11 @@ COLUMNS = (
     ("relevance_rank", "relevance rank", True),
     ("auroc_localisation", "patch loc. AUROC", True),
     ("heatmap_auroc", "slide heatmap AUROC", True),
+    *((f"heatmap_auroc_{v}", f"slide AUROC: {v}", True) for v in VALUES),
 )
 CSV_FIELDS = [
     *("model", "method", "knobs", "n_slides", "n_patches", "accuracy", "auroc", "heatmap_auroc"),
+    *(f"heatmap_auroc_{v}" for v in VALUES),
     *PATCH_METRICS,
     *(f"{m}_ci95" for m in PATCH_METRICS),
     *(f"{m}_n" for m in PATCH_METRICS),
@@ -47,18 +51,26 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _flat(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with ``heatmap_auroc_by_value`` spread into ``heatmap_auroc_<value>`` keys."""
+    by_value = summary.get("heatmap_auroc_by_value") or {}
+    return summary | {f"heatmap_auroc_{v}": by_value.get(v) for v in VALUES}
+
+
 def metrics_csv(summaries: list[dict[str, Any]]) -> str:
     """One row per model: every figure of the summaries, with 95% half-widths and counts."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    for s in summaries:
+    for s in map(_flat, summaries):
         w.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in CSV_FIELDS})
     return buf.getvalue()
 
 
-def metrics_markdown(summaries: list[dict[str, Any]]) -> str:
-    """A markdown table (one row per model; best value of each column in bold) and its legend."""
+def metrics_markdown(summaries: list[dict[str, Any]], stitched_value: str | None = None) -> str:
+    """A markdown table (one row per model; best value of each column in bold) and its legend;
+    ``stitched_value``: the ``stitch.value`` of the stitched heatmaps, for the legend."""
+    summaries = [_flat(s) for s in summaries]
     head = ["model", *(f"{title} {'↑' if up else '↓'}" for _, title, up in COLUMNS)]
     best = {}
     for key, _, up in COLUMNS:
@@ -87,8 +99,13 @@ def metrics_markdown(summaries: list[dict[str, Any]]) -> str:
         f"Complexity on every patch (n = {n['gini']}), localisation on the patches holding lesion "
         f"(n = {n['pointing_game']}), faithfulness and reconstruction on a seeded sample of patches whose "
         f"map explains their true class (n = {n['deletion_auc']}). The slide heatmap AUROC pools the "
-        f"tissue pixels of the held-out slides with lesion. ↑: higher is better; ↓: lower is better; "
-        f"bold: best of the column.",
+        f"tissue pixels of the held-out slides with lesion"
+        + (f" (stitched heatmap: stitch.value = {stitched_value})" if stitched_value else "")
+        + "; the 'slide AUROC: <value>' columns measure each heatmap value the same way, blended from the "
+        f"saliency store on a grid of at most {EVAL_MAX_SIDE} px a side: saliency (|attribution|), "
+        "evidence (attribution > 0), weighted (saliency x p(target)) and probability (p(target) over each "
+        "patch, the baseline a saliency heatmap must beat). ↑: higher is better; ↓: lower is better; "
+        "bold: best of the column.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -202,7 +219,7 @@ def write_report(cfg: Config, out_dir: str | Path, models: list[str]) -> dict[st
     out_dir = Path(out_dir)
     summaries = load_summaries(out_dir, models)
     write_text(out_dir / "metrics.csv", metrics_csv(summaries))
-    write_text(out_dir / "metrics.md", metrics_markdown(summaries))
+    write_text(out_dir / "metrics.md", metrics_markdown(summaries, cfg.stitch.value))
     return {
         "csv": out_dir / "metrics.csv",
         "markdown": out_dir / "metrics.md",
