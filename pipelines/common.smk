@@ -170,7 +170,12 @@ def get_export_args(wildcards):
     args = ["--slide", SLIDES[wildcards.slide].path, "--colormap", e.colormap,
             "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
             "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
-            "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um]
+            "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um,
+            "--overlay-low", e.overlay_low, "--overlay-high", e.overlay_high,
+            "--display-smooth-um", e.display_smooth_um]
+    annotations = SLIDES[wildcards.slide].annotations
+    if annotations is not None:
+        args += ["--annotations", annotations, "--annotation-class", CFG.tiling.annotation_class]
     return " ".join(shlex.quote(str(a)) for a in args)
 
 

@@ -295,3 +295,81 @@ def test_failed_export_leaves_nothing(case: dict, tmp_path: Path, monkeypatch: p
     with pytest.raises(RuntimeError, match="killed"):
         export.export_slide(case["heatmap"], case["store"], out, thumbnail_size=128, tile_size=256)
     assert list(out.iterdir()) == []
+
+
+def _shown(case: dict, ds: float, shape: tuple[int, int], smooth_um: float) -> np.ndarray:
+    """The heatmap values the PNGs show: resampled to the thumbnail grid, smoothed inside the tissue."""
+    hm = export.open_heatmap(case["heatmap"])
+    raw = figures.heatmap_image(hm.levels, hm.downsample, shape, ds)
+    tissue = np.ones((H // 32, W // 32), np.uint8)
+    tissue[:, : TISSUE_X0 // 32] = 0
+    return figures.smooth_display(raw, figures.mask_image(tissue, 32.0, shape, ds), smooth_um / (MPP * ds))
+
+
+def test_display_is_smoothed_and_the_analysis_values_are_not(case: dict) -> None:
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter1d
+
+    heat_png = Image.open(case["out"]["heatmap_png"])
+    ds = float(heat_png.text["downsample"])
+    heat = np.asarray(heat_png.convert("RGB"))
+    sigma = 10.0 / (MPP * ds)  # the default display_smooth_um, in thumbnail pixels (5 px here)
+    assert heat_png.text["display_smooth_um"] == "10.0" and sigma == 5.0
+    shown = _shown(case, ds, heat.shape[:2], 10.0)
+    lut = ometiff.colormap_lut("inferno")
+    assert np.abs(heat.astype(int) - lut[ometiff.to_uint8(shown)]).max() <= 1
+    # across the square's left edge (far from other edges), a Gaussian profile of sigma 5 px
+    row, c_edge = int(384 / ds), int(SQUARE[2] / ds)
+    step = np.where(np.arange(heat.shape[1]) < c_edge, 0.1, 0.9)
+    expected = gaussian_filter1d(step, sigma, mode="nearest")
+    cols = slice(c_edge - 15, c_edge + 15)
+    assert np.abs(shown[row, cols] - expected[cols]).max() < 0.05
+    assert 0.3 < shown[row, c_edge] < 0.7 and shown[row, c_edge - 15] < 0.12  # blurred, not blocky
+    # the pyramid and the OME-TIFF keep the unsmoothed values (test_ome_tiff_lines_up_with_slide)
+    with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:
+        level0 = tif.series[0].levels[0].asarray()
+    assert level0[384, SQUARE[2] - 1] == round(255 * 0.1) and level0[384, SQUARE[2]] == round(255 * 0.9)
+
+
+def test_overlay_colours_high_values_and_leaves_low_ones(case: dict) -> None:
+    """Colour distance (Euclidean, RGB 0-255) between overlay and thumbnail, with the default display:
+    at least 80 on average where the shown heatmap is >= 0.6, at most 1 where it is <= 0.15, away from
+    the region outlines (3 px)."""
+    from PIL import Image
+
+    thumb_png, over_png = Image.open(case["out"]["thumbnail"]), Image.open(case["out"]["overlay"])
+    ds = float(over_png.text["downsample"])
+    thumb, over = (np.asarray(im.convert("RGB")).astype(np.float64) for im in (thumb_png, over_png))
+    shown = _shown(case, ds, thumb.shape[:2], 10.0)
+    dist = np.linalg.norm(over - thumb, axis=2)
+    region = shape(json.loads(case["out"]["regions"].read_text())["features"][0]["geometry"])
+    rr, cc = np.mgrid[0 : thumb.shape[0], 0 : thumb.shape[1]]
+    centres = shapely.points((cc.ravel() + 0.5) * ds, (rr.ravel() + 0.5) * ds)
+    near = (shapely.distance(region.boundary, centres) <= 3 * ds).reshape(thumb.shape[:2])
+    high, low = (shown >= 0.6) & ~near, (shown <= 0.15) & ~near & (cc * ds >= TISSUE_X0)
+    assert high.sum() > 1000 and low.sum() > 10000
+    print(f"colour distance: {dist[high].mean():.1f} on high pixels, {dist[low].mean():.2f} on low ones")
+    assert dist[high].mean() >= 80 and dist[low].mean() <= 1
+    # the outlines of the saliency-high regions are drawn on the overlay, in the region colour
+    outline = np.abs(over - np.array(geojson.REGION_COLOR)).max(axis=2) <= 40
+    assert outline[near].sum() > 100 and not outline[~near].any()
+    assert over_png.text["meaning"] == "predicted-class saliency (|attribution|)"
+
+
+def test_figure_outlines_the_annotations(case: dict, tmp_path: Path) -> None:
+    from PIL import Image
+    from shapely.geometry import box
+
+    from wsi_scaat.synth import write_annotations
+
+    ann = tmp_path / "s1.geojson"
+    write_annotations(ann, [box(SQUARE[2] + 64, SQUARE[0], SQUARE[3] + 64, SQUARE[1])])
+    out = export.export_slide(case["heatmap"], case["store"], tmp_path / "out", thumbnail_size=256,
+                              tile_size=256, annotations=ann)  # fmt: skip
+
+    def truth_pixels(path: Path) -> int:
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(rgb - np.array(export.ANNOTATION_COLOR)).max(axis=2) <= 30).sum())
+
+    assert truth_pixels(out["figure"]) > 300 and truth_pixels(case["out"]["figure"]) == 0
+    assert truth_pixels(out["overlay"]) == 0  # ground truth only in the review figure

@@ -401,6 +401,21 @@ def export(
     region_smooth_um: Annotated[float, typer.Option(min=0, help=_h(ExportConfig, "region_smooth_um"))] = _d(
         ExportConfig, "region_smooth_um"
     ),
+    overlay_low: Annotated[float, typer.Option(min=0, max=1, help=_h(ExportConfig, "overlay_low"))] = _d(
+        ExportConfig, "overlay_low"
+    ),
+    overlay_high: Annotated[float, typer.Option(min=0, max=1, help=_h(ExportConfig, "overlay_high"))] = _d(
+        ExportConfig, "overlay_high"
+    ),
+    display_smooth_um: Annotated[float, typer.Option(min=0, help=_h(ExportConfig, "display_smooth_um"))] = _d(
+        ExportConfig, "display_smooth_um"
+    ),
+    annotations: Annotated[
+        Path | None, typer.Option(help="The slide's GeoJSON annotations, outlined in the figure.")
+    ] = None,
+    annotation_class: Annotated[
+        str, typer.Option(help="Classification of the annotations outlined ('' for all).")
+    ] = "lesion",
 ) -> None:
     """OME-TIFF heatmaps, PNG thumbnails/overlay/figure and QuPath GeoJSON (tiles, regions)."""
     from wsi_scaat.heatmaps.export import export_slide
@@ -417,6 +432,11 @@ def export(
         thumbnail_size=thumbnail_size,
         tile_size=tile_size,
         region_smooth_um=region_smooth_um,
+        overlay_low=overlay_low,
+        overlay_high=overlay_high,
+        display_smooth_um=display_smooth_um,
+        annotations=annotations,
+        annotation_class=annotation_class or None,
     )
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")

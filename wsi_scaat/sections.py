@@ -138,7 +138,20 @@ class StitchConfig(Section):
 
 class ExportConfig(Section):
     colormap: str = Field("inferno", description="matplotlib colormap")
-    overlay_alpha: float = Field(0.6, ge=0, le=1, description="overlay opacity at heatmap value 1")
+    overlay_alpha: float = Field(
+        0.75, ge=0, le=1, description="overlay opacity at heatmap values >= overlay_high"
+    )
+    overlay_low: float = Field(
+        0.2, ge=0, lt=1, description="heatmap value up to which the overlay leaves the tissue untouched"
+    )
+    overlay_high: float = Field(
+        0.5, gt=0, le=1, description="heatmap value from which the overlay is fully coloured (overlay_alpha)"
+    )
+    display_smooth_um: float = Field(
+        10.0, ge=0, le=1000,
+        description="Gaussian sigma (um) of the heatmap in the PNGs and the figure (the pyramid and the "
+        "OME-TIFFs keep the unsmoothed values)",
+    )  # fmt: skip
     region_threshold: float = Field(
         0.3, gt=0, lt=1, description="smoothed heatmap value outlining high-saliency regions"
     )
@@ -148,6 +161,14 @@ class ExportConfig(Section):
     )
     thumbnail_size: int = Field(2048, ge=64, le=16384, description="longer side of the PNGs (pixels)")
     tile_size: int = Field(512, ge=64, le=4096, description="OME-TIFF tile side (pixels)")
+
+    @field_validator("overlay_high")
+    @classmethod
+    def _above_low(cls, v: float, info: Any) -> float:
+        low = info.data.get("overlay_low")
+        if low is not None and v <= low:
+            raise ValueError(f"must be above overlay_low ({low})")
+        return v
 
     @field_validator("colormap")
     @classmethod

@@ -6,7 +6,10 @@
 - ``<slide_id>.heatmap.ome.tif`` / ``.heatmap_rgb.ome.tif``: pyramidal OME-TIFFs (uint8 and
   colour-mapped RGB) with the slide's level-0 size and mpp (:mod:`~wsi_scaat.heatmaps.ometiff`);
 - ``.thumbnail.png``, ``.heatmap.png``, ``.overlay.png``, ``.figure.png`` on one pixel grid
-  (:mod:`~wsi_scaat.heatmaps.figures`);
+  (:mod:`~wsi_scaat.heatmaps.figures`), the heatmap smoothed for display (``display_smooth_um``),
+  the overlay clearly coloured where the heatmap is high and clear where it is low, with the
+  high-saliency regions outlined; the figure also outlines the slide's annotations (ground truth)
+  when given, and its legends say what the colour means (the heatmap's ``meaning``);
 - ``.tiles.geojson`` (one tile per patch) and ``.regions.geojson`` (high-saliency outlines) for
   QuPath (:mod:`~wsi_scaat.heatmaps.geojson`).
 
@@ -24,9 +27,10 @@ from typing import Any
 import numpy as np
 import zarr
 
+from wsi_scaat.annotations import read_annotations
 from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
-from wsi_scaat.heatmaps import figures, geojson, ometiff
+from wsi_scaat.heatmaps import figures, geojson, ometiff, values
 from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import open_saliency_store
 from wsi_scaat.sections import ExportConfig
@@ -37,6 +41,10 @@ from wsi_scaat.slides import open_slide
 REGION_MAX_SIDE = 4096
 #: Simplification tolerance of the regions, in pixels of the level they are traced on.
 REGION_TOLERANCE_PX = 1.0
+#: Colour of the annotation (ground-truth) outlines in the figure; the regions use geojson.REGION_COLOR.
+ANNOTATION_COLOR = (0, 190, 255)
+#: Outline width (px) of the regions on the overlay PNG, per 1000 px of its longer side.
+OUTLINE_PER_1000 = 1.5
 
 OUTPUTS = {
     "ome_tiff": ".heatmap.ome.tif",
@@ -90,6 +98,18 @@ class Heatmap:
         """Level-0 slide pixels per pixel of heatmap level ``k``."""
         return self.downsample * 2**k
 
+    @property
+    def value(self) -> str:
+        """What the heatmap's pixels mean (``stitch.value``; "saliency" for version-1 heatmaps)."""
+        return str(self.attrs.get("value", "saliency"))
+
+    @property
+    def meaning(self) -> str:
+        """Legend text of the colour, e.g. "lesion evidence (attribution > 0)"."""
+        return str(
+            self.attrs.get("meaning") or values.meaning(self.value, self.attrs.get("saliency_target", ""))
+        )
+
     def level_fitting(self, max_side: int) -> int:
         """Finest level whose longer side is at most ``max_side`` (the last level if none is)."""
         for k, level in enumerate(self.levels):
@@ -125,7 +145,8 @@ class _Patches:
     size0: float
     probs: np.ndarray
     class_names: list[str]
-    maps: zarr.Array
+    maps: zarr.Array  # the store array the heatmap value is made of
+    prob: np.ndarray | None  # target-class probability per patch, when the value uses it
     saliency_mean: np.ndarray
     saliency_max: np.ndarray
     tissue: np.ndarray | None
@@ -142,14 +163,17 @@ def _read_patches(path: Path, hm: Heatmap) -> tuple[_Patches, dict[str, Any]]:
         raise StoreError(path, f"is for slide {store.attrs.get('slide_id')!r}, not {hm.slide_id!r}")
     probs = store.array("probs").astype(np.float64)
     names = [str(c) for c in store.attrs.get("class_names") or range(probs.shape[1])]
-    mean, peak = geojson.patch_saliency(store.maps, *hm.normalization)
+    source = store.signed if values.source_array(hm.value) == "signed" else store.maps
+    prob = store.target_probability() if values.uses_probability(hm.value) else None
+    mean, peak = geojson.patch_saliency(source, *hm.normalization, value=hm.value, prob=prob)
     tissue = store.array("tissue_mask") if "tissue_mask" in store.root else None
     patches = _Patches(
         store.coords,
         float(store.attrs["patch_size_level0"]),
         probs,
         names,
-        store.maps,
+        source,
+        prob,
         mean,
         peak,
         tissue,
@@ -175,29 +199,50 @@ def _summary(
         f"slide        {hm.slide_id}",
         f"model        {attrs.get('model_method', '?')}",
         f"saliency     {attrs.get('saliency_method', '?')} (target {attrs.get('saliency_target', '?')})",
+        f"heatmap      {hm.value}: {hm.meaning}",
         f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px at level 0)",
         f"mean P({positive})  {patches.probs[:, -1].mean():.3f}" if n else f"mean P({positive})  n/a",
-        f"high saliency  {100 * high_fraction:.1f}% of tissue (>= {threshold:g})",
+        f"high saliency  {100 * high_fraction:.1f}% of tissue (smoothed heatmap >= {threshold:g})",
         f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",
         "",
-        f"right: top {figures.TOP_K} patches by saliency_mean",
-        f"(s = saliency_mean, p = P({positive}))",
+        f"right: top {figures.TOP_K} patches by mean heatmap value",
+        f"(s = that mean, p = P({positive}))",
     ]
 
 
+@dataclass(frozen=True)
+class Display:
+    """How the PNGs and the figure show the heatmap (see :mod:`wsi_scaat.heatmaps.figures`)."""
+
+    colormap: str
+    alpha: float
+    low: float
+    high: float
+    smooth_um: float
+
+
 def _write_pngs(
-    tmp: dict[str, Path], hm: Heatmap, reader: Any, patches: _Patches, lut: np.ndarray, colormap: str,
-    overlay_alpha: float, thumbnail_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Thumbnail, heatmap and overlay PNGs on one grid; returns (thumbnail, heatmap values, overlay)."""
+    tmp: dict[str, Path], hm: Heatmap, reader: Any, patches: _Patches, lut: np.ndarray, display: Display,
+    thumbnail_size: int, regions: list[Any],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
+    """Thumbnail, heatmap and overlay PNGs on one grid; returns (thumbnail, displayed heatmap values,
+    overlay without outlines, downsample)."""
     thumb, ds = reader.read_thumbnail(max(hm.slide_size) / thumbnail_size)
-    values = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
-    overlay = figures.blend(thumb, values, lut, overlay_alpha, _tissue_on(patches, values, ds))
-    text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": colormap}
-    figures.write_png(tmp["thumbnail"], thumb, text)
-    figures.write_png(tmp["heatmap_png"], figures.colorize(values, lut), text)
-    figures.write_png(tmp["overlay"], overlay, text | {"overlay_alpha": repr(overlay_alpha)})
-    return thumb, values, overlay
+    raw = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
+    tissue = _tissue_on(patches, raw, ds)
+    shown = figures.smooth_display(raw, tissue, display.smooth_um / (hm.mpp * ds))
+    overlay = figures.blend(thumb, shown, lut, display.alpha, tissue, display.low, display.high)
+    text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": display.colormap,
+            "value": hm.value, "meaning": hm.meaning,
+            "display_smooth_um": repr(display.smooth_um)}  # fmt: skip
+    figures.write_png(tmp["thumbnail"], thumb, {"slide_id": hm.slide_id, "downsample": repr(ds)})
+    figures.write_png(tmp["heatmap_png"], figures.colorize(shown, lut), text)
+    width = max(1, round(OUTLINE_PER_1000 * max(thumb.shape[:2]) / 1000))
+    outlined = figures.draw_outlines(overlay.copy(), regions, ds, geojson.REGION_COLOR, width)
+    opacity = {"overlay_alpha": repr(display.alpha), "overlay_low": repr(display.low),
+               "overlay_high": repr(display.high), "outlines": f"{geojson.REGION_CLASS} regions"}  # fmt: skip
+    figures.write_png(tmp["overlay"], outlined, text | opacity)
+    return thumb, shown, overlay, ds
 
 
 def _write_qupath(
@@ -207,8 +252,9 @@ def _write_qupath(
     threshold: float,
     min_area_um2: float,
     smooth_um: float = 0.0,
-) -> float:
-    """Tiles and regions GeoJSON; returns the fraction of tissue at or above ``threshold``.
+) -> tuple[float, list[Any]]:
+    """Tiles and regions GeoJSON; returns the fraction of tissue at or above ``threshold`` and the
+    regions' polygons (level-0 px).
 
     Regions are traced on the heatmap smoothed by a Gaussian of ``smooth_um`` microns (sigma), so
     they outline where saliency is dense rather than single salient pixels.
@@ -229,7 +275,7 @@ def _write_qupath(
     regions = geojson.region_features(polygons, level, kds, hm.mpp, p.centres, p.probs[:, -1], threshold)
     geojson.write_features(tmp["regions"], regions)
     tissue = _tissue_on(p, level, kds)
-    return float((level >= threshold)[tissue].mean()) if tissue.any() else 0.0
+    return (float((level >= threshold)[tissue].mean()) if tissue.any() else 0.0), polygons
 
 
 def export_slide(
@@ -246,6 +292,11 @@ def export_slide(
     tile_size: int = _d(ExportConfig, "tile_size"),
     ome_downsample: float = 1.0,
     region_smooth_um: float = _d(ExportConfig, "region_smooth_um"),
+    overlay_low: float = _d(ExportConfig, "overlay_low"),
+    overlay_high: float = _d(ExportConfig, "overlay_high"),
+    display_smooth_um: float = _d(ExportConfig, "display_smooth_um"),
+    annotations: Path | None = None,
+    annotation_class: str | None = "lesion",
 ) -> dict[str, Path]:
     """Write every review export of one slide into ``out_dir``; returns their paths by kind.
 
@@ -254,9 +305,14 @@ def export_slide(
     longer side is about ``thumbnail_size`` (the reader's exact thumbnail downsample, within ~1.5x).
     Regions are traced on the finest heatmap level with longer side <= ``REGION_MAX_SIDE``; the
     figure's high-saliency fraction is measured there, over the tissue mask of the saliency store.
+    ``annotations``: the slide's GeoJSON, whose ``annotation_class`` polygons (all with None) the
+    figure outlines as ground truth.
     """
     if not 0.0 <= overlay_alpha <= 1.0:
         raise ValueError(f"overlay_alpha must be in [0, 1], got {overlay_alpha}")
+    if not 0.0 <= overlay_low < overlay_high <= 1.0:
+        raise ValueError(f"need 0 <= overlay_low < overlay_high <= 1, got {overlay_low}, {overlay_high}")
+    truth = read_annotations(annotations, annotation_class) if annotations is not None else None
     hm = open_heatmap(heatmap)
     patches, attrs = _read_patches(Path(saliency_store), hm)
     try:  # the id names the outputs: never a path out of out_dir
@@ -277,28 +333,37 @@ def export_slide(
         for key, rgb in (("ome_tiff", None), ("ome_tiff_rgb", lut)):
             ometiff.write_heatmap_ome_tiff(
                 tmp[key], hm.levels, hm.downsample, hm.slide_size, hm.mpp, lut=rgb, tile_size=tile_size,
-                ome_downsample=ome_downsample, name=f"{hm.slide_id} saliency",
+                ome_downsample=ome_downsample, name=f"{hm.slide_id} {hm.value}",
             )  # fmt: skip
-        thumb, values, overlay = _write_pngs(
-            tmp, hm, reader, patches, lut, colormap, overlay_alpha, thumbnail_size
-        )
-        high_fraction = _write_qupath(
+        high_fraction, regions = _write_qupath(
             tmp, hm, patches, region_threshold, min_region_area_um2, region_smooth_um
+        )
+        display = Display(colormap, overlay_alpha, overlay_low, overlay_high, display_smooth_um)
+        thumb, shown, overlay, ds = _write_pngs(
+            tmp, hm, reader, patches, lut, display, thumbnail_size, regions
         )
         low, high = hm.normalization
         views = figures.top_patches(
             reader, patches.coords, patches.size0, patches.maps, patches.saliency_mean, patches.probs[:, -1],
-            low, high,
+            low, high, value=hm.value, prob=patches.prob,
         )  # fmt: skip
         lines = _summary(hm, attrs, patches, high_fraction, region_threshold)
+        high_label = f"{geojson.REGION_CLASS} (smoothed heatmap >= {region_threshold:g})"
+        outlines = [figures.Outline(regions, geojson.REGION_COLOR, high_label)]
+        if truth is not None:
+            what = annotation_class or "annotations"
+            outlines.append(figures.Outline(truth, ANNOTATION_COLOR, f"{what} (annotation, ground truth)"))
         figures.write_figure(
             tmp["figure"],
             thumb,
-            values,
+            shown,
             overlay,
             colormap,
             lines,
             views,
             title=f"{hm.slide_id}: saliency review",
+            label=hm.meaning,
+            downsample=ds,
+            outlines=outlines,
         )
     return final
