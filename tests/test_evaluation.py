@@ -118,7 +118,7 @@ def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
     assert s["gini"] == pytest.approx(float(sparseness_gini(maps).double().mean()), rel=1e-9)
     # slide level: the out-of-core histogram AUROC equals the dense canvas' rank AUROC
     region = LesionRegion.from_geojson(Path(cfg.cohort.manifest).parent / "annotations/synth_001.geojson")
-    dense = stitch_dense(evaluated["sal"])
+    dense = stitch_dense(evaluated["sal"], value=cfg.stitch.value)  # as stitched
     hd = float(sal.attrs["patch_size_level0"]) / int(sal.attrs["map_size"])
     lesion = region.grid_mask((0, dense.shape[0]), (0, dense.shape[1]), hd)
     from wsi_scaat.heatmaps.stitching import tissue_pixels
@@ -197,7 +197,8 @@ def _value_store(path: Path, overlap: bool) -> Path:
 
 
 def test_value_map_is_the_stitched_heatmap_on_a_bounded_grid(tmp_path: Path) -> None:
-    from wsi_scaat.evaluation.slide_auroc import value_histograms, value_map
+    from wsi_scaat.evaluation.slide_auroc import value_histograms
+    from wsi_scaat.heatmaps.bounded import value_map
 
     store = _value_store(tmp_path / "o.saliency.zarr", overlap=True)
     for value in ("saliency", "evidence", "weighted", "probability"):

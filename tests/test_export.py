@@ -221,8 +221,9 @@ def test_pngs_share_one_grid(case: dict) -> None:
         return int(y / ds), int(x / ds)
 
     lut = ometiff.colormap_lut("inferno")
+    gain = float(images["heatmap_png"].text["display_gain"])  # display scale (see the display test)
     for (y, x), v in (((384, 512), 0.9), ((100, 250), 0.1)):  # square centre, elsewhere (bilinear)
-        assert np.abs(heat[at(y, x)].astype(int) - lut[round(255 * v)]).max() <= 3
+        assert np.abs(heat[at(y, x)].astype(int) - lut[round(255 * min(1.0, v * gain))]).max() <= 3
     outside = np.zeros(thumb.shape[:2], bool)
     outside[:, : int(TISSUE_X0 / ds) - 1] = True  # no tissue
     np.testing.assert_array_equal(over[outside], thumb[outside])
@@ -297,13 +298,14 @@ def test_failed_export_leaves_nothing(case: dict, tmp_path: Path, monkeypatch: p
     assert list(out.iterdir()) == []
 
 
-def _shown(case: dict, ds: float, shape: tuple[int, int], smooth_um: float) -> np.ndarray:
+def _shown(case: dict, ds: float, shape: tuple[int, int], smooth_um: float, gain: float = 1.0) -> np.ndarray:
     """The heatmap values the PNGs show: resampled to the thumbnail grid, smoothed inside the tissue."""
     hm = export.open_heatmap(case["heatmap"])
     raw = figures.heatmap_image(hm.levels, hm.downsample, shape, ds)
     tissue = np.ones((H // 32, W // 32), np.uint8)
     tissue[:, : TISSUE_X0 // 32] = 0
-    return figures.smooth_display(raw, figures.mask_image(tissue, 32.0, shape, ds), smooth_um / (MPP * ds))
+    mask = figures.mask_image(tissue, 32.0, shape, ds)
+    return figures.smooth_display(raw, mask, smooth_um / (MPP * ds), gain)
 
 
 def test_display_is_smoothed_and_the_analysis_values_are_not(case: dict) -> None:
@@ -315,16 +317,23 @@ def test_display_is_smoothed_and_the_analysis_values_are_not(case: dict) -> None
     heat = np.asarray(heat_png.convert("RGB"))
     sigma = 10.0 / (MPP * ds)  # the default display_smooth_um, in thumbnail pixels (5 px here)
     assert heat_png.text["display_smooth_um"] == "10.0" and sigma == 5.0
-    shown = _shown(case, ds, heat.shape[:2], 10.0)
+    gain = float(heat_png.text["display_gain"])  # 1 / the 99th percentile of the smoothed tissue values
+    smoothed = _shown(case, ds, heat.shape[:2], 10.0)
+    tissue = np.arange(heat.shape[1])[None, :] * ds >= TISSUE_X0 + 32
+    assert gain == pytest.approx(
+        1 / np.percentile(smoothed[np.broadcast_to(tissue, smoothed.shape)], 99), rel=0.02
+    )
+    assert 1.05 < gain < 1.15  # the bright square holds 0.9, 10% of the tissue
     lut = ometiff.colormap_lut("inferno")
+    shown = _shown(case, ds, heat.shape[:2], 10.0, gain)
     assert np.abs(heat.astype(int) - lut[ometiff.to_uint8(shown)]).max() <= 1
     # across the square's left edge (far from other edges), a Gaussian profile of sigma 5 px
     row, c_edge = int(384 / ds), int(SQUARE[2] / ds)
     step = np.where(np.arange(heat.shape[1]) < c_edge, 0.1, 0.9)
     expected = gaussian_filter1d(step, sigma, mode="nearest")
     cols = slice(c_edge - 15, c_edge + 15)
-    assert np.abs(shown[row, cols] - expected[cols]).max() < 0.05
-    assert 0.3 < shown[row, c_edge] < 0.7 and shown[row, c_edge - 15] < 0.12  # blurred, not blocky
+    assert np.abs(smoothed[row, cols] - expected[cols]).max() < 0.05
+    assert 0.3 < smoothed[row, c_edge] < 0.7 and smoothed[row, c_edge - 15] < 0.12  # blurred, not blocky
     # the pyramid and the OME-TIFF keep the unsmoothed values (test_ome_tiff_lines_up_with_slide)
     with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:
         level0 = tif.series[0].levels[0].asarray()
@@ -340,7 +349,7 @@ def test_overlay_colours_high_values_and_leaves_low_ones(case: dict) -> None:
     thumb_png, over_png = Image.open(case["out"]["thumbnail"]), Image.open(case["out"]["overlay"])
     ds = float(over_png.text["downsample"])
     thumb, over = (np.asarray(im.convert("RGB")).astype(np.float64) for im in (thumb_png, over_png))
-    shown = _shown(case, ds, thumb.shape[:2], 10.0)
+    shown = _shown(case, ds, thumb.shape[:2], 10.0, float(over_png.text["display_gain"]))
     dist = np.linalg.norm(over - thumb, axis=2)
     region = shape(json.loads(case["out"]["regions"].read_text())["features"][0]["geometry"])
     rr, cc = np.mgrid[0 : thumb.shape[0], 0 : thumb.shape[1]]

@@ -120,7 +120,7 @@ def _stitched(tmp_path: Path, overlap: int) -> tuple[np.ndarray, np.ndarray]:
     explain_store(EdgeEffectModel(), patches, out, meta, 2, 1, "grad_x_input", {}, 32, 1,
                   torch.device("cpu"), plan, progress=False)  # fmt: skip
     truth = image[..., 0].astype(np.float64) / 255  # 3 channels x (x * 25 / 75)
-    return stitch_dense(out, normalize=False, mask_tissue=False), truth
+    return stitch_dense(out, normalize=False, mask_tissue=False, value="saliency"), truth
 
 
 def test_no_seams_with_half_patch_overlap(tmp_path: Path) -> None:

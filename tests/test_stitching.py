@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,8 +18,13 @@ from hypothesis import strategies as st
 
 from wsi_scaat.heatmaps import stitching
 from wsi_scaat.heatmaps.pyramid import coarsen2, level_shapes
-from wsi_scaat.heatmaps.stitching import blend_window, stitch, stitch_dense
+from wsi_scaat.heatmaps.stitching import blend_window
 from wsi_scaat.saliency.store import create_saliency_store
+
+# Blending, placement, normalisation and storage are checked on the maps themselves (stitch.value
+# "saliency"); the other values have their own tests below.
+stitch = functools.partial(stitching.stitch, value="saliency")
+stitch_dense = functools.partial(stitching.stitch_dense, value="saliency")
 
 MapsFn = Callable[[np.ndarray, int], np.ndarray]  # (coords (n, 2), map_size) -> (n, m, m)
 RAW = {"normalize": False, "mask_tissue": False}

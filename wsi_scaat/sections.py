@@ -116,7 +116,7 @@ class SaliencyConfig(Section):
 
 class StitchConfig(Section):
     value: Literal["saliency", "evidence", "weighted", "probability"] = Field(
-        "saliency",
+        "weighted",  # the best held-out slide heatmap AUROC on the demo (README, docs/qupath.md)
         description="what the heatmap shows: saliency (|attribution|), evidence (attribution > 0), weighted "
         "(saliency x p(target)) or probability (p(target) over each patch)",
     )
@@ -153,7 +153,10 @@ class ExportConfig(Section):
         "OME-TIFFs keep the unsmoothed values)",
     )  # fmt: skip
     region_threshold: float = Field(
-        0.3, gt=0, lt=1, description="smoothed heatmap value outlining high-saliency regions"
+        0.3,
+        gt=0,
+        lt=1,
+        description="heatmap value as shown (smoothed, display scale) outlining high-saliency regions",
     )
     min_region_area_um2: float = Field(2000.0, ge=0, description="smallest high-saliency region kept (um^2)")
     region_smooth_um: float = Field(

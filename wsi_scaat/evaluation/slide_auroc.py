@@ -7,19 +7,15 @@ within a bin counted one half: exact for values that differ by more than 1 / ``B
 pooled AUROC of several slides is the same statistic of the summed histograms.
 
 Every heatmap value (``stitch.value``: saliency, evidence, weighted, probability) is also measured
-without stitching it: :func:`value_map` blends the saliency store's patches into one in-memory map
-of at most ``EVAL_MAX_SIDE`` pixels a side, ``f = ceil(longer heatmap side / EVAL_MAX_SIDE)`` heatmap
-pixels wide (``f = 1``: exactly the stitched level 0 of that value), with the stitcher's window,
-normalisation and tissue mask. For ``f > 1`` each patch's values and weights are first summed over
-``q x q`` blocks (``q`` the largest divisor of the map side not above ``f``), and a coarse pixel
-holds ``sum w m / sum w`` over the blocks whose centre falls in it.
+without stitching it, on :func:`wsi_scaat.heatmaps.bounded.value_map` (the value blended from the
+saliency store into one in-memory map of at most ``EVAL_MAX_SIDE`` pixels a side; exactly the
+stitched level 0 when that fits).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +25,11 @@ import zarr
 from wsi_scaat.errors import StoreError
 from wsi_scaat.evaluation.groundtruth import LesionRegion
 from wsi_scaat.heatmaps import values
-from wsi_scaat.heatmaps.stitching import _finish, _window64, open_plan, slide_range, tissue_pixels
+from wsi_scaat.heatmaps.bounded import value_map
+from wsi_scaat.heatmaps.stitching import tissue_pixels
 
 BINS = 1 << 16
 EVAL_MAX_SIDE = 2048  # longer side of the in-memory map of each value (64 MB of float64 buffers)
-VALUE_BATCH = 1 << 20  # map values per batch while blending
 
 
 def heatmap_histograms(
@@ -78,67 +74,11 @@ def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
-def _pool(a: np.ndarray, q: int) -> np.ndarray:
-    """Sums over (q, q) blocks of the last two axes (q divides them)."""
-    if q == 1:
-        return a
-    n, m = a.shape[0], a.shape[-1]
-    return a.reshape(n, m // q, q, m // q, q).sum((2, 4))
-
-
-@dataclass(frozen=True)
-class ValueMap:
-    """A heatmap value on a bounded grid: values (float32, as stitched), pixel side, tissue pixels."""
-
-    values: np.ndarray
-    pixel: float  # level-0 px
-    tissue: np.ndarray | None
-
-
-def value_map(saliency_store: str | Path, value: str, *, window: str = "hann", low_percentile: float = 1.0,
-              high_percentile: float = 99.0, mask_tissue: bool = True,
-              max_side: int = EVAL_MAX_SIDE) -> ValueMap:  # fmt: skip
-    """The slide's heatmap of ``value`` on a grid of at most ``max_side`` px a side, normalised and
-    masked like the stitched heatmap; ``tissue`` is the store's tissue mask on that grid, if any."""
-    plan = open_plan(saliency_store, True, value)
-    norm = slide_range(plan, low_percentile, high_percentile)
-    (h, w), m = plan.shape, plan.map_size
-    f = max(1, math.ceil(max(h, w) / max_side))
-    q = max(d for d in range(1, min(f, m) + 1) if m % d == 0)
-    shape = (-(-h // f), -(-w // f))
-    num = np.zeros(shape[0] * shape[1], np.float64)
-    den = np.zeros_like(num)
-    win = _window64(m, window)
-    wsum = _pool(win[None], q)[0]
-    centre = np.arange(0, m, q) + (q - 1) / 2  # block centres in heatmap pixels from the patch's corner
-    batch = max(1, VALUE_BATCH // (m * m))
-    for src in plan.sources:
-        for s in range(0, src.n, batch):
-            raw = None if src.array is None else np.asarray(src.array[s : s + batch])
-            prob = None if src.prob is None else src.prob[s : s + batch]
-            pix = values.pixel_values(value, raw, prob, m)
-            pix *= win
-            sel = slice(src.offset + s, src.offset + s + len(pix))
-            r = plan.rows[sel][:, None, None] + centre[None, :, None]  # heatmap rows of the block centres
-            c = plan.cols[sel][:, None, None] + centre[None, None, :]
-            r, c = np.broadcast_arrays(r, c)
-            inside = (r >= 0) & (r < h) & (c >= 0) & (c < w)  # as the stitcher: nothing beyond the slide
-            flat = (np.floor(r[inside] / f) * shape[1] + np.floor(c[inside] / f)).astype(np.int64)
-            np.add.at(num, flat, _pool(pix, q)[inside])  # in patch order, one add at a time: as stitched
-            np.add.at(den, flat, np.broadcast_to(wsum, inside.shape)[inside])
-    tissue = None
-    if plan.tissue_mask is not None:
-        box = (0, shape[0], 0, shape[1])
-        tissue = tissue_pixels(plan.tissue_mask, plan.tissue_downsample, plan.hd * f, box)
-    vals = _finish(num.reshape(shape), den.reshape(shape), norm, tissue if mask_tissue else None)
-    return ValueMap(vals, plan.hd * f, tissue)
-
-
 def value_histograms(saliency_store: str | Path, region: LesionRegion, value: str, bins: int = BINS,
                      **settings: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(lesion, non-lesion) histograms of :func:`value_map` on its tissue pixels (all pixels without a
     tissue mask); ``settings``: the options of :func:`value_map`."""
-    vm = value_map(saliency_store, value, **settings)
+    vm = value_map(saliency_store, value, **({"max_side": EVAL_MAX_SIDE} | settings))
     pos = np.zeros(bins, dtype=np.int64)
     neg = np.zeros(bins, dtype=np.int64)
     h, w = vm.values.shape

@@ -31,6 +31,7 @@ from wsi_scaat.annotations import read_annotations
 from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
 from wsi_scaat.heatmaps import figures, geojson, ometiff, values
+from wsi_scaat.heatmaps.bounded import value_map
 from wsi_scaat.manifest import check_slide_id
 from wsi_scaat.saliency.store import open_saliency_store
 from wsi_scaat.sections import ExportConfig
@@ -45,6 +46,10 @@ REGION_TOLERANCE_PX = 1.0
 ANNOTATION_COLOR = (0, 190, 255)
 #: Outline width (px) of the regions on the overlay PNG, per 1000 px of its longer side.
 OUTLINE_PER_1000 = 1.5
+#: Display scale: 1 is this percentile (over the tissue) of the saliency factor smoothed for display.
+DISPLAY_PERCENTILE = 99.0
+#: Longer side of the in-memory map on which that percentile is taken.
+DISPLAY_MAX_SIDE = 2048
 
 OUTPUTS = {
     "ome_tiff": ".heatmap.ome.tif",
@@ -151,13 +156,14 @@ class _Patches:
     saliency_max: np.ndarray
     tissue: np.ndarray | None
     tissue_downsample: float
+    gain: float  # display gain (see display_gain)
 
     @property
     def centres(self) -> np.ndarray:
         return self.coords + self.size0 / 2.0
 
 
-def _read_patches(path: Path, hm: Heatmap) -> tuple[_Patches, dict[str, Any]]:
+def _read_patches(path: Path, hm: Heatmap, smooth_um: float) -> tuple[_Patches, dict[str, Any]]:
     store = open_saliency_store(path)
     if str(store.attrs.get("slide_id")) != hm.slide_id:
         raise StoreError(path, f"is for slide {store.attrs.get('slide_id')!r}, not {hm.slide_id!r}")
@@ -166,6 +172,7 @@ def _read_patches(path: Path, hm: Heatmap) -> tuple[_Patches, dict[str, Any]]:
     source = store.signed if values.source_array(hm.value) == "signed" else store.maps
     prob = store.target_probability() if values.uses_probability(hm.value) else None
     mean, peak = geojson.patch_saliency(source, *hm.normalization, value=hm.value, prob=prob)
+    gain = display_gain(path, hm, smooth_um)
     tissue = store.array("tissue_mask") if "tissue_mask" in store.root else None
     patches = _Patches(
         store.coords,
@@ -178,8 +185,33 @@ def _read_patches(path: Path, hm: Heatmap) -> tuple[_Patches, dict[str, Any]]:
         peak,
         tissue,
         float(store.attrs.get("tissue_downsample", 1.0)),
+        gain,
     )
     return patches, {**store.attrs, **hm.attrs}
+
+
+def display_gain(saliency_store: Path, hm: Heatmap, smooth_um: float, percentile: float = DISPLAY_PERCENTILE,
+                 max_side: int = DISPLAY_MAX_SIDE) -> float:  # fmt: skip
+    """Gain of the displayed heatmap: 1 / the ``percentile``, over the tissue, of the slide's saliency
+    factor (the heatmap's value without the probability: ``saliency``, or ``evidence``) normalised as
+    the heatmap was (its ``normalization``) and smoothed by the display Gaussian, on a grid of at most
+    ``max_side`` px; 1 when that is 0 or the heatmap is not normalised (``probability``).
+
+    The heatmap is normalised per pixel, between percentiles of single pixels' values; smoothed to the
+    scale it is looked at, its values shrink towards their local mean (on the demo, about 0.3 in a
+    lesion). The gain brings that scale back to [0, 1]: 1 is as salient as the top 1% of the slide's
+    tissue at display scale. As it is taken from the saliency factor, ``weighted`` tissue the model
+    calls normal stays dark on a slide without lesion."""
+    norm = hm.attrs.get("normalization") or {}
+    if not values.normalised(hm.value) or norm.get("method") != "percentile":
+        return 1.0
+    factor = "evidence" if hm.value == "evidence" else "saliency"
+    window = str(hm.attrs.get("window", "hann"))
+    vm = value_map(saliency_store, factor, window=window, max_side=max_side, norm=hm.normalization)
+    shown = figures.smooth_display(vm.values, vm.tissue, smooth_um / (hm.mpp * vm.pixel))
+    tissue = vm.tissue if vm.tissue is not None else shown > 0
+    ref = float(np.percentile(shown[tissue], percentile)) if tissue.any() else 0.0
+    return 1.0 / ref if ref > 0 else 1.0
 
 
 def _tissue_on(patches: _Patches, values: np.ndarray, downsample: float) -> np.ndarray:
@@ -190,8 +222,9 @@ def _tissue_on(patches: _Patches, values: np.ndarray, downsample: float) -> np.n
 
 
 def _summary(
-    hm: Heatmap, attrs: dict[str, Any], patches: _Patches, high_fraction: float, threshold: float
-) -> list[str]:
+    hm: Heatmap, attrs: dict[str, Any], patches: _Patches, high_fraction: float, threshold: float,
+    smooth_um: float,
+) -> list[str]:  # fmt: skip
     """The figure's lines of numbers."""
     low, high = hm.normalization
     n, positive = len(patches.coords), patches.class_names[-1]
@@ -202,8 +235,10 @@ def _summary(
         f"heatmap      {hm.value}: {hm.meaning}",
         f"patches      {n}  ({attrs.get('patch_size', '?')} px, {hm.mpp:g} um/px at level 0)",
         f"mean P({positive})  {patches.probs[:, -1].mean():.3f}" if n else f"mean P({positive})  n/a",
-        f"high saliency  {100 * high_fraction:.1f}% of tissue (smoothed heatmap >= {threshold:g})",
-        f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1]",
+        f"high saliency  {100 * high_fraction:.1f}% of tissue (shown heatmap >= {threshold:g})",
+        f"normalised   [{low:.4g}, {high:.4g}] -> [0, 1] (pixels)",
+        f"shown        Gaussian {smooth_um:g} um, x{patches.gain:.2f} "
+        f"(1: top {100 - DISPLAY_PERCENTILE:g}% of tissue)",
         "",
         f"right: top {figures.TOP_K} patches by mean heatmap value",
         f"(s = that mean, p = P({positive}))",
@@ -230,11 +265,11 @@ def _write_pngs(
     thumb, ds = reader.read_thumbnail(max(hm.slide_size) / thumbnail_size)
     raw = figures.heatmap_image(hm.levels, hm.downsample, thumb.shape[:2], ds)
     tissue = _tissue_on(patches, raw, ds)
-    shown = figures.smooth_display(raw, tissue, display.smooth_um / (hm.mpp * ds))
+    shown = figures.smooth_display(raw, tissue, display.smooth_um / (hm.mpp * ds), patches.gain)
     overlay = figures.blend(thumb, shown, lut, display.alpha, tissue, display.low, display.high)
     text = {"slide_id": hm.slide_id, "downsample": repr(ds), "colormap": display.colormap,
-            "value": hm.value, "meaning": hm.meaning,
-            "display_smooth_um": repr(display.smooth_um)}  # fmt: skip
+            "value": hm.value, "meaning": hm.meaning, "display_smooth_um": repr(display.smooth_um),
+            "display_gain": repr(patches.gain)}  # fmt: skip
     figures.write_png(tmp["thumbnail"], thumb, {"slide_id": hm.slide_id, "downsample": repr(ds)})
     figures.write_png(tmp["heatmap_png"], figures.colorize(shown, lut), text)
     width = max(1, round(OUTLINE_PER_1000 * max(thumb.shape[:2]) / 1000))
@@ -256,26 +291,26 @@ def _write_qupath(
     """Tiles and regions GeoJSON; returns the fraction of tissue at or above ``threshold`` and the
     regions' polygons (level-0 px).
 
-    Regions are traced on the heatmap smoothed by a Gaussian of ``smooth_um`` microns (sigma), so
-    they outline where saliency is dense rather than single salient pixels.
+    Regions are traced at display scale, as the overlay shows them: on the heatmap smoothed by a
+    Gaussian of ``smooth_um`` microns (sigma) inside the tissue, times the display gain, so they
+    outline where saliency is dense rather than single salient pixels; their measurements are of the
+    smoothed heatmap itself (without the gain).
     """
     p = patches
     tiles = geojson.tile_features(p.coords, p.size0, p.probs, p.class_names, p.saliency_mean, p.saliency_max)
     geojson.write_features(tmp["tiles"], tiles)
     k = hm.level_fitting(REGION_MAX_SIDE)
     level, kds = np.nan_to_num(np.asarray(hm.levels[k][...], dtype=np.float32)), hm.level_downsample(k)
-    if smooth_um > 0:
-        from scipy.ndimage import gaussian_filter
-
-        level = gaussian_filter(level, sigma=smooth_um / (hm.mpp * kds), mode="constant")
+    tissue = _tissue_on(p, level, kds)
+    level = figures.smooth_display(level, tissue, smooth_um / (hm.mpp * kds))
+    shown = np.clip(level * np.float32(p.gain), 0.0, 1.0)
     min_area_px = min_area_um2 / hm.mpp**2
     polygons = geojson.region_polygons(
-        level, threshold, kds, min_area_px=min_area_px, tolerance=REGION_TOLERANCE_PX
+        shown, threshold, kds, min_area_px=min_area_px, tolerance=REGION_TOLERANCE_PX
     )
     regions = geojson.region_features(polygons, level, kds, hm.mpp, p.centres, p.probs[:, -1], threshold)
     geojson.write_features(tmp["regions"], regions)
-    tissue = _tissue_on(p, level, kds)
-    return (float((level >= threshold)[tissue].mean()) if tissue.any() else 0.0), polygons
+    return (float((shown >= threshold)[tissue].mean()) if tissue.any() else 0.0), polygons
 
 
 def export_slide(
@@ -314,7 +349,7 @@ def export_slide(
         raise ValueError(f"need 0 <= overlay_low < overlay_high <= 1, got {overlay_low}, {overlay_high}")
     truth = read_annotations(annotations, annotation_class) if annotations is not None else None
     hm = open_heatmap(heatmap)
-    patches, attrs = _read_patches(Path(saliency_store), hm)
+    patches, attrs = _read_patches(Path(saliency_store), hm, display_smooth_um)
     try:  # the id names the outputs: never a path out of out_dir
         check_slide_id(hm.slide_id)
     except ValueError as exc:
@@ -347,12 +382,16 @@ def export_slide(
             reader, patches.coords, patches.size0, patches.maps, patches.saliency_mean, patches.probs[:, -1],
             low, high, value=hm.value, prob=patches.prob,
         )  # fmt: skip
-        lines = _summary(hm, attrs, patches, high_fraction, region_threshold)
-        high_label = f"{geojson.REGION_CLASS} (smoothed heatmap >= {region_threshold:g})"
-        outlines = [figures.Outline(regions, geojson.REGION_COLOR, high_label)]
+        lines = _summary(hm, attrs, patches, high_fraction, region_threshold, display_smooth_um)
+        high_label = f"{geojson.REGION_CLASS} (shown heatmap >= {region_threshold:g})"
+        outlines = [
+            figures.Outline(regions, geojson.REGION_COLOR, high_label + ("" if regions else ": none"))
+        ]
         if truth is not None:
-            what = annotation_class or "annotations"
-            outlines.append(figures.Outline(truth, ANNOTATION_COLOR, f"{what} (annotation, ground truth)"))
+            what = f"{annotation_class or 'annotations'} (annotation, ground truth)" + (
+                "" if truth else ": none"
+            )
+            outlines.append(figures.Outline(truth, ANNOTATION_COLOR, what))
         figures.write_figure(
             tmp["figure"],
             thumb,

@@ -4,8 +4,10 @@ Every PNG uses the thumbnail's grid: pixel ``(r, c)`` covers level-0 pixels from
 ``ds`` the thumbnail's exact downsample (in each PNG's text chunk ``downsample``). The heatmap is
 resampled bilinearly, centre on centre through level-0 coordinates, from the deepest heatmap
 pyramid level that is not coarser than ``ds`` (so at most 2x, using the pyramid's 2x2 means for
-the rest), then smoothed for display (:func:`smooth_display`: a Gaussian of ``display_smooth_um``
-microns inside the tissue). The pyramid and the OME-TIFFs keep the unsmoothed values.
+the rest), then shown at display scale (:func:`smooth_display`: a Gaussian of ``display_smooth_um``
+microns inside the tissue, times the slide's display gain, see
+:func:`wsi_scaat.heatmaps.export.display_gain`). The pyramid and the OME-TIFFs keep the unsmoothed
+values.
 
 The overlay blends the colour-mapped heatmap over the thumbnail inside the tissue mask with per-pixel
 opacity :func:`overlay_opacity`: 0 below ``overlay_low`` (the tissue shows through untouched), rising
@@ -73,18 +75,21 @@ def colorize(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return np.take(lut, to_uint8(values), axis=0)
 
 
-def smooth_display(values: np.ndarray, tissue: np.ndarray | None, sigma_px: float) -> np.ndarray:
+def smooth_display(
+    values: np.ndarray, tissue: np.ndarray | None, sigma_px: float, gain: float = 1.0
+) -> np.ndarray:
     """``values`` smoothed by a Gaussian of ``sigma_px`` pixels inside ``tissue`` (normalised convolution:
-    non-tissue neither dims nor bleeds into the tissue's edge), 0 outside it; unchanged for sigma < 0.3."""
+    non-tissue neither dims nor bleeds into the tissue's edge), 0 outside it (not smoothed, nor masked,
+    for sigma < 0.3), times ``gain``, clipped to [0, 1]."""
     v = np.asarray(values, dtype=np.float32)
     if sigma_px < 0.3:
-        return v
+        return np.clip(v * np.float32(gain), 0.0, 1.0)
     t = np.ones(v.shape, np.float32) if tissue is None else tissue.astype(np.float32)
     k = int(np.ceil(4 * sigma_px)) * 2 + 1
     num = cv2.GaussianBlur(v * t, (k, k), sigma_px, borderType=cv2.BORDER_CONSTANT)
     den = cv2.GaussianBlur(t, (k, k), sigma_px, borderType=cv2.BORDER_CONSTANT)
     out = np.divide(num, den, out=np.zeros_like(num), where=den > 1e-6)
-    return np.clip(out * t, 0.0, 1.0)
+    return np.clip(out * t * np.float32(gain), 0.0, 1.0)
 
 
 def overlay_opacity(values: np.ndarray, alpha: float, low: float, high: float) -> np.ndarray:

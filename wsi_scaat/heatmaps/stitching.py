@@ -343,7 +343,7 @@ def _check(window: str, low: float, high: float, chunk: int) -> None:
 
 def heatmap_level0(saliency_store: str | Path, *, chunk: int = 1024, window: str = "hann",
                    low_percentile: float = 1.0, high_percentile: float = 99.0, mask_tissue: bool = True,
-                   normalize: bool = True, token: str | None = None, value: str = "saliency",
+                   normalize: bool = True, token: str | None = None, value: str = _d(StitchConfig, "value"),
                    ) -> tuple[da.Array, Plan, tuple[float, float] | None]:  # fmt: skip
     """Lazy level 0 (float32 dask array of (chunk, chunk) blocks), the plan and (v_lo, v_hi).
 
@@ -433,7 +433,7 @@ def stitch(saliency_store: str | Path, out: str | Path, *, chunk: int = _d(Stitc
 
 def stitch_dense(saliency_store: str | Path, *, window: str = "hann", low_percentile: float = 1.0,
                  high_percentile: float = 99.0, mask_tissue: bool = True, normalize: bool = True,
-                 batch: int = 4096, value: str = "saliency") -> np.ndarray:  # fmt: skip
+                 batch: int = 4096, value: str = _d(StitchConfig, "value")) -> np.ndarray:  # fmt: skip
     """Reference: heatmap level 0 as one dense numpy canvas (same blending, normalisation, masking)."""
     _check(window, low_percentile, high_percentile, 1)
     plan = open_plan(saliency_store, mask_tissue, value)
