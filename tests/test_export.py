@@ -359,8 +359,9 @@ def test_overlay_colours_high_values_and_leaves_low_ones(case: dict) -> None:
     assert high.sum() > 1000 and low.sum() > 10000
     print(f"colour distance: {dist[high].mean():.1f} on high pixels, {dist[low].mean():.2f} on low ones")
     assert dist[high].mean() >= 80 and dist[low].mean() <= 1
-    # the outlines of the saliency-high regions are drawn on the overlay, in the region colour
-    outline = np.abs(over - np.array(geojson.REGION_COLOR)).max(axis=2) <= 40
+    # the outlines of the saliency-high regions are drawn on the overlay
+    outline = over[..., 1] - np.maximum(over[..., 0], over[..., 2]) > 60  # green: only the outline is
+    assert export.REGION_OUTLINE_COLOR[1] - max(export.REGION_OUTLINE_COLOR[::2]) > 60
     assert outline[near].sum() > 100 and not outline[~near].any()
     assert over_png.text["meaning"] == "predicted-class saliency (|attribution|)"
 

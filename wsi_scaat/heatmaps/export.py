@@ -42,7 +42,9 @@ from wsi_scaat.slides import open_slide
 REGION_MAX_SIDE = 4096
 #: Simplification tolerance of the regions, in pixels of the level they are traced on.
 REGION_TOLERANCE_PX = 1.0
-#: Colour of the annotation (ground-truth) outlines in the figure; the regions use geojson.REGION_COLOR.
+#: Colours of the outlines on the overlay and the figure: the high-saliency regions (green: apart from
+#: the colour map's black-red-yellow, the stain's pink and purple) and the annotations (ground truth).
+REGION_OUTLINE_COLOR = (40, 220, 60)
 ANNOTATION_COLOR = (0, 190, 255)
 #: Outline width (px) of the regions on the overlay PNG, per 1000 px of its longer side.
 OUTLINE_PER_1000 = 1.5
@@ -273,7 +275,7 @@ def _write_pngs(
     figures.write_png(tmp["thumbnail"], thumb, {"slide_id": hm.slide_id, "downsample": repr(ds)})
     figures.write_png(tmp["heatmap_png"], figures.colorize(shown, lut), text)
     width = max(1, round(OUTLINE_PER_1000 * max(thumb.shape[:2]) / 1000))
-    outlined = figures.draw_outlines(overlay.copy(), regions, ds, geojson.REGION_COLOR, width)
+    outlined = figures.draw_outlines(overlay.copy(), regions, ds, REGION_OUTLINE_COLOR, width)
     opacity = {"overlay_alpha": repr(display.alpha), "overlay_low": repr(display.low),
                "overlay_high": repr(display.high), "outlines": f"{geojson.REGION_CLASS} regions"}  # fmt: skip
     figures.write_png(tmp["overlay"], outlined, text | opacity)
@@ -385,7 +387,7 @@ def export_slide(
         lines = _summary(hm, attrs, patches, high_fraction, region_threshold, display_smooth_um)
         high_label = f"{geojson.REGION_CLASS} (shown heatmap >= {region_threshold:g})"
         outlines = [
-            figures.Outline(regions, geojson.REGION_COLOR, high_label + ("" if regions else ": none"))
+            figures.Outline(regions, REGION_OUTLINE_COLOR, high_label + ("" if regions else ": none"))
         ]
         if truth is not None:
             what = f"{annotation_class or 'annotations'} (annotation, ground truth)" + (
