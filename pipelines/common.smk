@@ -180,7 +180,7 @@ def saliency_args():
     """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
     s = CFG.saliency
     args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
-            "--batch-size", s.batch_size, "--device", s.device]
+            "--batch-size", s.batch_size, "--device", s.device, "--overlap", s.overlap]
     for key, value in sorted(s.options.items()):
         args += ["--option", f"{key}={value}"]
     return " ".join(shlex.quote(str(a)) for a in args)
@@ -189,7 +189,7 @@ def saliency_args():
 def stitch_args():
     """Flags of `wsi-scaat stitch` from the config, shell-quoted."""
     s = CFG.stitch
-    args = ["--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
+    args = ["--value", s.value, "--chunk", s.chunk, "--window", s.window, "--low-percentile", s.low_percentile,
             "--high-percentile", s.high_percentile, "--mask-tissue" if s.mask_tissue else "--no-mask-tissue"]
     if s.scheduler:
         args += ["--scheduler", s.scheduler]
@@ -206,7 +206,12 @@ def get_export_args(wildcards):
     args = ["--slide", slide_entry(wildcards).path, "--colormap", e.colormap,
             "--overlay-alpha", e.overlay_alpha, "--region-threshold", e.region_threshold,
             "--min-region-area-um2", e.min_region_area_um2, "--thumbnail-size", e.thumbnail_size,
-            "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um]
+            "--tile-size", e.tile_size, "--region-smooth-um", e.region_smooth_um,
+            "--overlay-low", e.overlay_low, "--overlay-high", e.overlay_high,
+            "--display-smooth-um", e.display_smooth_um]
+    annotations = SLIDES[wildcards.slide].annotations
+    if annotations is not None:
+        args += ["--annotations", annotations, "--annotation-class", CFG.tiling.annotation_class]
     return " ".join(shlex.quote(str(a)) for a in args)
 
 

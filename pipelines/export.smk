@@ -3,9 +3,9 @@
 
 rule export:
     input:
+        unpack(get_slide_inputs),
         heatmap=f"{RESULTS}/heatmaps/{{model}}/{{slide}}.heatmap.zarr",
         saliency=f"{RESULTS}/saliency/{{model}}/{{slide}}.saliency.zarr",
-        slide=get_slide_input,
     output:
         tiles=f"{RESULTS}/export/{{model}}/{{slide}}.tiles.geojson",
         regions=f"{RESULTS}/export/{{model}}/{{slide}}.regions.geojson",

@@ -140,7 +140,7 @@ def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
     assert s["gini"] == pytest.approx(float(sparseness_gini(maps).double().mean()), rel=1e-9)
     # slide level: the out-of-core histogram AUROC equals the dense canvas' rank AUROC
     region = LesionRegion.from_geojson(Path(cfg.cohort.manifest).parent / "annotations/synth_001.geojson")
-    dense = stitch_dense(evaluated["sal"])
+    dense = stitch_dense(evaluated["sal"], value=cfg.stitch.value)  # as stitched
     hd = float(sal.attrs["patch_size_level0"]) / int(sal.attrs["map_size"])
     lesion = region.grid_mask((0, dense.shape[0]), (0, dense.shape[1]), hd)
     from wsi_scaat.heatmaps.stitching import tissue_pixels
@@ -152,6 +152,13 @@ def test_evaluation_figures_match_recomputation(evaluated: dict) -> None:
     assert s["heatmap_auroc"] == pytest.approx(expected, abs=1e-4)
     pos, neg = heatmap_histograms(evaluated["heat"], evaluated["sal"], region)
     assert pos.sum() + neg.sum() == tissue.sum() and pos.sum() == (lesion & tissue).sum()
+    # every heatmap value, blended from the store (hd grid: exactly each value's stitched heatmap)
+    by_value = s["heatmap_auroc_by_value"]
+    assert set(by_value) == {"saliency", "evidence", "weighted", "probability"}
+    assert by_value[cfg.stitch.value] == s["heatmap_auroc"]
+    for value, got in by_value.items():
+        values = stitch_dense(evaluated["sal"], value=value)
+        assert got == pytest.approx(auroc(values[tissue], lesion[tissue]), abs=1e-4), value
     # localisation only on mixed patches (lesion fraction 0.1-0.9), over tissue pixels
     with open_store(evaluated["tiles"] / "synth_001.h5") as tiles:
         lf = tiles.array("lesion_fraction")
@@ -193,8 +200,61 @@ def test_evaluation_writes_per_patch_rows_and_report(evaluated: dict) -> None:
     with paths["csv"].open() as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["gini"]) == pytest.approx(s["gini"])
+    for value, auc in s["heatmap_auroc_by_value"].items():  # a column per heatmap value
+        assert f"slide AUROC: {value} ↑" in table
+        assert float(row[f"heatmap_auroc_{value}"]) == pytest.approx(auc)
+    assert f"stitch.value = {evaluated['cfg'].stitch.value}" in table
     from PIL import Image
 
     for kind in ("figure_grid", "tradeoff"):
         with Image.open(paths[kind]) as im:
             assert im.size[0] > 100 and im.size[1] > 100
+
+
+def _value_store(path: Path, overlap: bool) -> Path:
+    """512 x 384 px slide of 32-px patches with 8-px maps (hd = 4: heatmap 96 x 128), random signed maps
+    and probabilities, no tissue left of x = 64; with ``overlap``, patches at half-patch offsets too."""
+    from wsi_scaat.saliency.store import create_saliency_store
+
+    rng = np.random.default_rng(3)
+    ys, xs = np.mgrid[0:384:32, 0:512:32]
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    extra = coords[(coords[:, 0] < 480) & (coords[:, 1] < 352)] + 16
+    attrs = {"slide_id": "v", "slide_width": 512, "slide_height": 384, "patch_size_level0": 32, "map_size": 8,
+             "tissue_downsample": 32.0, "saliency_target": "lesion"}  # fmt: skip
+    tissue = np.ones((12, 16), np.uint8)
+    tissue[:, :2] = 0
+    with create_saliency_store(path, len(coords), 2, 8, attrs, signed=True) as w:
+        w.write_array("coords", coords)
+        w.write_array("tissue_mask", tissue)
+        sets = [(w, len(coords))] + ([(w.overlap(len(extra), 2, 8), len(extra))] if overlap else [])
+        for writer, n in sets:
+            if writer is not w:
+                writer.write_array("coords", extra)
+            signed = rng.normal(0, 1, (n, 8, 8))
+            p = rng.random(n)
+            writer.write(0, np.abs(signed), np.stack([1 - p, p], 1), np.ones(n), signed=signed)
+    return path
+
+
+def test_value_map_is_the_stitched_heatmap_on_a_bounded_grid(tmp_path: Path) -> None:
+    from wsi_scaat.evaluation.slide_auroc import value_histograms
+    from wsi_scaat.heatmaps.bounded import value_map
+
+    store = _value_store(tmp_path / "o.saliency.zarr", overlap=True)
+    for value in ("saliency", "evidence", "weighted", "probability"):
+        vm = value_map(store, value)  # heatmap fits: the grid is the heatmap's
+        assert vm.pixel == 4.0 and np.array_equal(vm.values, stitch_dense(store, value=value)), value
+    # at most 40 px a side: f = ceil(128 / 40) = 4 heatmap px (16 level-0 px), blocks of q = 4 map px
+    small = value_map(store, "probability", max_side=40)
+    assert small.values.shape == (24, 32) and small.pixel == 16.0
+    assert not small.tissue[:, :4].any() and small.tissue[:, 4:].all()  # no tissue left of x = 64
+    assert (small.values[:, :4] == 0).all() and 0 < small.values[:, 4:].min() <= small.values.max() < 1
+    # without overlap and with flat weights, each coarse pixel is one patch's p, exactly
+    plain = _value_store(tmp_path / "p.saliency.zarr", overlap=False)
+    flat = value_map(plain, "probability", max_side=40, window="flat")
+    p = open_saliency_store(plain).target_probability().reshape(12, 16).astype(np.float32)
+    assert np.array_equal(flat.values[:, 4:], np.kron(p, np.ones((2, 2), np.float32))[:, 4:])
+    region = LesionRegion([box(128, 0, 512, 384)])  # lesion: coarse columns 8.. (centres from x = 136)
+    pos, neg = value_histograms(store, region, "probability", max_side=40)
+    assert pos.sum() == 24 * 24 and neg.sum() == 24 * 4  # tissue pixels only

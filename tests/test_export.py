@@ -244,8 +244,9 @@ def test_pngs_share_one_grid(case: dict) -> None:
         return int(y / ds), int(x / ds)
 
     lut = ometiff.colormap_lut("inferno")
+    gain = float(images["heatmap_png"].text["display_gain"])  # display scale (see the display test)
     for (y, x), v in (((384, 512), 0.9), ((100, 250), 0.1)):  # square centre, elsewhere (bilinear)
-        assert np.abs(heat[at(y, x)].astype(int) - lut[round(255 * v)]).max() <= 3
+        assert np.abs(heat[at(y, x)].astype(int) - lut[round(255 * min(1.0, v * gain))]).max() <= 3
     outside = np.zeros(thumb.shape[:2], bool)
     outside[:, : int(TISSUE_X0 / ds) - 1] = True  # no tissue
     np.testing.assert_array_equal(over[outside], thumb[outside])
@@ -381,3 +382,93 @@ def test_qupath_reimport_keeps_user_objects(case: dict, tmp_path: Path, qupath_g
     assert f"Removed {n + 1} objects of an earlier import; kept 1 made inside them" in run.stdout
     assert "deprecated" not in run.stderr.lower()  # what qupath-core logs for its deprecated calls
     assert run.stdout.splitlines()[-1] == 'QP_CALLS ["getCurrentImageData"]'  # the rest: hierarchy calls
+
+
+def _shown(case: dict, ds: float, shape: tuple[int, int], smooth_um: float, gain: float = 1.0) -> np.ndarray:
+    """The heatmap values the PNGs show: resampled to the thumbnail grid, smoothed inside the tissue."""
+    hm = export.open_heatmap(case["heatmap"])
+    raw = figures.heatmap_image(hm.levels, hm.downsample, shape, ds)
+    tissue = np.ones((H // 32, W // 32), np.uint8)
+    tissue[:, : TISSUE_X0 // 32] = 0
+    mask = figures.mask_image(tissue, 32.0, shape, ds)
+    return figures.smooth_display(raw, mask, smooth_um / (MPP * ds), gain)
+
+
+def test_display_is_smoothed_and_the_analysis_values_are_not(case: dict) -> None:
+    from PIL import Image
+    from scipy.ndimage import gaussian_filter1d
+
+    heat_png = Image.open(case["out"]["heatmap_png"])
+    ds = float(heat_png.text["downsample"])
+    heat = np.asarray(heat_png.convert("RGB"))
+    sigma = 10.0 / (MPP * ds)  # the default display_smooth_um, in thumbnail pixels (5 px here)
+    assert heat_png.text["display_smooth_um"] == "10.0" and sigma == 5.0
+    gain = float(heat_png.text["display_gain"])  # 1 / the 99th percentile of the smoothed tissue values
+    smoothed = _shown(case, ds, heat.shape[:2], 10.0)
+    tissue = np.arange(heat.shape[1])[None, :] * ds >= TISSUE_X0 + 32
+    assert gain == pytest.approx(
+        1 / np.percentile(smoothed[np.broadcast_to(tissue, smoothed.shape)], 99), rel=0.02
+    )
+    assert 1.05 < gain < 1.15  # the bright square holds 0.9, 10% of the tissue
+    lut = ometiff.colormap_lut("inferno")
+    shown = _shown(case, ds, heat.shape[:2], 10.0, gain)
+    assert np.abs(heat.astype(int) - lut[ometiff.to_uint8(shown)]).max() <= 1
+    # across the square's left edge (far from other edges), a Gaussian profile of sigma 5 px
+    row, c_edge = int(384 / ds), int(SQUARE[2] / ds)
+    step = np.where(np.arange(heat.shape[1]) < c_edge, 0.1, 0.9)
+    expected = gaussian_filter1d(step, sigma, mode="nearest")
+    cols = slice(c_edge - 15, c_edge + 15)
+    assert np.abs(smoothed[row, cols] - expected[cols]).max() < 0.05
+    assert 0.3 < smoothed[row, c_edge] < 0.7 and smoothed[row, c_edge - 15] < 0.12  # blurred, not blocky
+    # the pyramid and the OME-TIFF keep the unsmoothed values (test_ome_tiff_lines_up_with_slide)
+    with tifffile.TiffFile(case["out"]["ome_tiff"]) as tif:
+        level0 = tif.series[0].levels[0].asarray()
+    assert level0.shape[-1] == 3  # grey as R = G = B (tiatoolbox reads no one-channel file)
+    assert (level0[384, SQUARE[2] - 1] == round(255 * 0.1)).all() and (
+        level0[384, SQUARE[2]] == round(255 * 0.9)
+    ).all()
+
+
+def test_overlay_colours_high_values_and_leaves_low_ones(case: dict) -> None:
+    """Colour distance (Euclidean, RGB 0-255) between overlay and thumbnail, with the default display:
+    at least 80 on average where the shown heatmap is >= 0.6, at most 1 where it is <= 0.15, away from
+    the region outlines (3 px)."""
+    from PIL import Image
+
+    thumb_png, over_png = Image.open(case["out"]["thumbnail"]), Image.open(case["out"]["overlay"])
+    ds = float(over_png.text["downsample"])
+    thumb, over = (np.asarray(im.convert("RGB")).astype(np.float64) for im in (thumb_png, over_png))
+    shown = _shown(case, ds, thumb.shape[:2], 10.0, float(over_png.text["display_gain"]))
+    dist = np.linalg.norm(over - thumb, axis=2)
+    region = shape(json.loads(case["out"]["regions"].read_text())["features"][0]["geometry"])
+    rr, cc = np.mgrid[0 : thumb.shape[0], 0 : thumb.shape[1]]
+    centres = shapely.points((cc.ravel() + 0.5) * ds, (rr.ravel() + 0.5) * ds)
+    near = (shapely.distance(region.boundary, centres) <= 3 * ds).reshape(thumb.shape[:2])
+    high, low = (shown >= 0.6) & ~near, (shown <= 0.15) & ~near & (cc * ds >= TISSUE_X0)
+    assert high.sum() > 1000 and low.sum() > 10000
+    print(f"colour distance: {dist[high].mean():.1f} on high pixels, {dist[low].mean():.2f} on low ones")
+    assert dist[high].mean() >= 80 and dist[low].mean() <= 1
+    # the outlines of the saliency-high regions are drawn on the overlay
+    outline = over[..., 1] - np.maximum(over[..., 0], over[..., 2]) > 60  # green: only the outline is
+    assert export.REGION_OUTLINE_COLOR[1] - max(export.REGION_OUTLINE_COLOR[::2]) > 60
+    assert outline[near].sum() > 100 and not outline[~near].any()
+    assert over_png.text["meaning"] == "predicted-class saliency (|attribution|)"
+
+
+def test_figure_outlines_the_annotations(case: dict, tmp_path: Path) -> None:
+    from PIL import Image
+    from shapely.geometry import box
+
+    from wsi_scaat.synth import write_annotations
+
+    ann = tmp_path / "s1.geojson"
+    write_annotations(ann, [box(SQUARE[2] + 64, SQUARE[0], SQUARE[3] + 64, SQUARE[1])])
+    out = export.export_slide(case["heatmap"], case["store"], tmp_path / "out", thumbnail_size=256,
+                              tile_size=256, annotations=ann)  # fmt: skip
+
+    def truth_pixels(path: Path) -> int:
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(rgb - np.array(export.ANNOTATION_COLOR)).max(axis=2) <= 30).sum())
+
+    assert truth_pixels(out["figure"]) > 300 and truth_pixels(case["out"]["figure"]) == 0
+    assert truth_pixels(out["overlay"]) == 0  # ground truth only in the review figure

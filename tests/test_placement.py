@@ -34,7 +34,9 @@ def test_lesion_saliency_lands_inside_the_lesion(synth_slide: tuple[Path, Path],
         writer.write_array("coords", coords)
         writer.write_array("tissue_mask", tissue)
         writer.write(0, maps, np.full((len(coords), 2), 0.5), np.ones(len(coords), np.int64))
-    heat_path = stitch(sal, tmp_path / "s.heatmap.zarr", chunk=128, normalize=False, mask_tissue=False)
+    heat_path = stitch(
+        sal, tmp_path / "s.heatmap.zarr", chunk=128, normalize=False, mask_tissue=False, value="saliency"
+    )  # the maps themselves
     heat = zarr.open_group(str(heat_path), mode="r")
     level0 = np.asarray(heat["0"][...])
     hd = heat.attrs["heatmap_downsample"]

@@ -43,6 +43,25 @@ def test_stage_writes_the_contract(tiny_checkpoint: Path, store_path: Path, tmp_
     np.testing.assert_allclose(
         sal.maps[:3].astype(np.float32), grad.abs().sum(1).numpy(), rtol=2e-3, atol=1e-6
     )
+    np.testing.assert_allclose(sal.signed[:3].astype(np.float32), grad.sum(1).numpy(), rtol=2e-3, atol=1e-6)
+    assert sal.attrs["saliency_version"] == 2 and sal.attrs["n_overlap"] == 0 and "overlap" not in sal.root
+
+
+def test_overlap_patches_are_explained(tiny_checkpoint: Path, store_path: Path, tmp_path: Path) -> None:
+    from wsi_scaat.saliency.overlap import plan_overlap
+
+    sal = open_saliency_store(run_saliency(tiny_checkpoint, store_path, tmp_path, overlap=16, progress=False))
+    with open_store(store_path) as patches:
+        plan = plan_overlap(patches.coords, patches.attrs, 16)
+        n = len(patches)
+    extra = sal.root["overlap"]
+    assert len(plan) > n and sal.attrs["n_overlap"] == len(plan) and sal.attrs["saliency_overlap"] == 16
+    np.testing.assert_array_equal(extra["coords"][...], plan.coords)
+    probs = extra["probs"][...]
+    assert extra["maps"].shape == (len(plan), 32, 32) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(extra["target"][...], probs.argmax(1))
+    with pytest.raises(SaliencyError, match="does not divide the tiling step of 32 px"):
+        run_saliency(tiny_checkpoint, store_path, tmp_path / "bad", overlap=20, progress=False)
 
 
 def test_downsample_and_fixed_target(tiny_checkpoint: Path, store_path: Path, tmp_path: Path) -> None:
@@ -75,7 +94,8 @@ def test_fused_path_equals_attribution_api(tiny_checkpoint: Path, method: str) -
 
     model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    probs, target, maps = explain_batch(model, x, None, method, {})
-    expected = attribute(model, x, target, method).abs().sum(1)
-    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-7)
+    probs, target, maps, signed = explain_batch(model, x, None, method, {})
+    expected = attribute(model, x, target, method)
+    torch.testing.assert_close(maps, expected.abs().sum(1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(signed, expected.sum(1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(probs, torch.softmax(model(x), 1), rtol=1e-5, atol=1e-7)

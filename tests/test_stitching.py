@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,8 +18,13 @@ from hypothesis import strategies as st
 
 from wsi_scaat.heatmaps import stitching
 from wsi_scaat.heatmaps.pyramid import coarsen2, level_shapes
-from wsi_scaat.heatmaps.stitching import blend_window, stitch, stitch_dense
+from wsi_scaat.heatmaps.stitching import blend_window
 from wsi_scaat.saliency.store import create_saliency_store
+
+# Blending, placement, normalisation and storage are checked on the maps themselves (stitch.value
+# "saliency"); the other values have their own tests below.
+stitch = functools.partial(stitching.stitch, value="saliency")
+stitch_dense = functools.partial(stitching.stitch_dense, value="saliency")
 
 MapsFn = Callable[[np.ndarray, int], np.ndarray]  # (coords (n, 2), map_size) -> (n, m, m)
 RAW = {"normalize": False, "mask_tissue": False}
@@ -31,9 +37,12 @@ def grid(width: int, height: int, patch_l0: int, stride_l0: int) -> np.ndarray:
 
 
 def make_store(path: Path, width: int, height: int, *, patch_l0: int, map_size: int, coords: np.ndarray,
-               maps: MapsFn | np.ndarray, tissue: np.ndarray | None = None,
-               td: int = 16) -> Path:  # fmt: skip
-    """A saliency store (written with create_saliency_store) for the given patch coords and maps."""
+               maps: MapsFn | np.ndarray, tissue: np.ndarray | None = None, td: int = 16,
+               signed: np.ndarray | None = None, probs: np.ndarray | None = None,
+               overlap: tuple[np.ndarray, ...] | None = None) -> Path:  # fmt: skip
+    """A saliency store (written with create_saliency_store) for the given patch coords and maps; with
+    ``signed`` (version 2) its signed maps, ``probs`` (N, 2) the class probabilities (target class 1),
+    ``overlap`` = (coords, maps, signed, probs) of an overlap group."""
     n = len(coords)
     if tissue is None:
         tissue = np.ones((-(-height // td), -(-width // td)), np.uint8)
@@ -42,12 +51,21 @@ def make_store(path: Path, width: int, height: int, *, patch_l0: int, map_size: 
              "patch_size_level0": patch_l0, "map_size": map_size, "map_downsample": patch_l0 // map_size,
              "class_names": ["a", "b"], "saliency_method": "gradient", "saliency_target": "predicted",
              "tissue_downsample": td}  # fmt: skip
-    with create_saliency_store(path, n, 2, map_size, attrs) as w:
+    with create_saliency_store(path, n, 2, map_size, attrs, signed=signed is not None) as w:
         w.write_array("coords", coords.astype(np.int64))
         w.write_array("tissue_mask", tissue.astype(np.uint8))
         for s in range(0, n, 64):
             chunk = maps[s : s + 64] if isinstance(maps, np.ndarray) else maps(coords[s : s + 64], map_size)
-            w.write(s, chunk, np.full((len(chunk), 2), 0.5), np.zeros(len(chunk)))
+            if probs is None:
+                w.write(s, chunk, np.full((len(chunk), 2), 0.5), np.zeros(len(chunk)))
+            else:
+                w.write(s, chunk, probs[s : s + 64], np.ones(len(chunk)),
+                        signed=None if signed is None else signed[s : s + 64])  # fmt: skip
+        if overlap is not None:
+            o_coords, o_maps, o_signed, o_probs = overlap
+            sub = w.overlap(len(o_coords), 2, map_size)
+            sub.write_array("coords", o_coords.astype(np.int64))
+            sub.write(0, o_maps, o_probs, np.ones(len(o_coords)), signed=o_signed)
     return path
 
 
@@ -252,8 +270,9 @@ def test_pyramid_levels_and_attrs(tmp_path: Path) -> None:
     np.testing.assert_allclose(l1, pad.reshape(516, 2, 265, 2).mean((1, 3)), atol=1e-6)
     np.testing.assert_allclose(l2, coarsen2(l1), atol=0)
     a = dict(root.attrs)
-    assert a["slide_id"] == "slide7" and a["heatmap_downsample"] == 1.0 and a["heatmap_version"] == 1
+    assert a["slide_id"] == "slide7" and a["heatmap_downsample"] == 1.0 and a["heatmap_version"] == 2
     assert a["level_downsamples"] == [1, 2, 4] and a["window"] == "hann" and a["map_size"] == 64
+    assert a["value"] == "saliency" and a["meaning"] == "predicted-class saliency (|attribution|)"
     ms = a["multiscales"][0]
     assert [ax["name"] for ax in ms["axes"]] == ["y", "x"] and ms["axes"][0]["unit"] == "micrometer"
     assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
@@ -322,3 +341,91 @@ def test_peak_memory_stays_far_below_the_canvas(tmp_path: Path) -> None:
     mb = json.loads(res.stdout.strip().splitlines()[-1])
     assert mb["peak"] - mb["base"] < 200 and mb["peak"] < 600, mb
     assert zarr.open_array(str(tmp_path / "m.heatmap.zarr" / "0")).shape == (5000, 5000)
+
+
+def _valued_store(path: Path, seed: int, with_overlap: bool) -> tuple[Path, dict]:
+    """A 192 x 128 slide of 32-px patches (8-px maps, hd = 4) with signed maps, probabilities and, if
+    asked, an overlap group at half-patch offsets; returns the store and its arrays."""
+    rng = np.random.default_rng(seed)
+    coords = grid(192, 128, 32, 32)
+    n, m = len(coords), 8
+    signed = rng.normal(0, 1, (n, m, m)).astype(np.float16)
+    probs = rng.random(n).astype(np.float32).astype(np.float64)  # stored as float32
+    data = {"coords": coords, "signed": signed, "maps": np.abs(signed), "p": probs}
+    overlap = None
+    if with_overlap:
+        o = grid(176, 112, 32, 16)
+        o = o[(o[:, 0] % 32 != 0) | (o[:, 1] % 32 != 0)]
+        o_signed = rng.normal(0, 1, (len(o), m, m)).astype(np.float16)
+        o_p = rng.random(len(o)).astype(np.float32).astype(np.float64)
+        overlap = (o, np.abs(o_signed), o_signed, np.stack([1 - o_p, o_p], 1))
+        data |= {"o_coords": o, "o_signed": o_signed, "o_p": o_p}
+    s = make_store(path, 192, 128, patch_l0=32, map_size=m, coords=coords, maps=np.abs(signed),
+                   signed=signed, probs=np.stack([1 - probs, probs], 1), overlap=overlap)  # fmt: skip
+    return s, data
+
+
+def test_values_without_overlap_are_the_patch_values(tmp_path: Path) -> None:
+    """Non-overlapping flat blending leaves each patch's values: check each value by hand."""
+    s, d = _valued_store(tmp_path / "v.saliency.zarr", 0, False)
+    sig = d["signed"].astype(np.float64)
+    per_patch = {
+        "saliency": np.abs(sig),
+        "evidence": np.maximum(sig, 0),
+        "weighted": np.abs(sig) * d["p"][:, None, None],
+        "probability": np.broadcast_to(d["p"][:, None, None], sig.shape),
+    }
+    for value, expected_patches in per_patch.items():
+        got = stitch_dense(s, window="flat", value=value, **RAW)
+        expected = np.zeros((32, 48), np.float32)
+        for (x, y), v in zip(d["coords"], expected_patches, strict=True):
+            expected[y // 4 : y // 4 + 8, x // 4 : x // 4 + 8] = v.astype(np.float32)
+        assert np.array_equal(got, expected), value
+    # normalised: percentiles of the saliency factor; probability as it is
+    out = stitch(s, tmp_path / "w.heatmap.zarr", chunk=16, window="flat", value="weighted")
+    norm = dict(zarr.open_group(str(out), mode="r").attrs)["normalization"]
+    lo, hi = np.percentile(np.abs(sig), [1, 99])
+    assert (norm["low"], norm["high"]) == (lo, hi)
+    raw = stitch_dense(s, window="flat", value="weighted", **RAW).astype(np.float64)
+    assert np.array_equal(level(out), np.clip((raw - lo) / (hi - lo), 0, 1).astype(np.float32))
+    out = stitch(s, tmp_path / "p.heatmap.zarr", chunk=16, value="probability", mask_tissue=False)
+    attrs = dict(zarr.open_group(str(out), mode="r").attrs)
+    assert attrs["normalization"]["method"] == "none" and attrs["value"] == "probability"
+    assert attrs["meaning"] == "p(predicted class)"
+    assert np.array_equal(level(out), stitch_dense(s, value="probability", **RAW))
+    ev = dict(zarr.open_group(str(stitch(s, tmp_path / "e.heatmap.zarr", value="evidence")), mode="r").attrs)
+    assert ev["normalization"]["high"] == np.percentile(np.maximum(sig, 0), 99)
+
+
+@pytest.mark.parametrize("value", ["saliency", "evidence", "weighted", "probability"])
+def test_overlap_patches_are_blended(tmp_path: Path, value: str) -> None:
+    s, d = _valued_store(tmp_path / "o.saliency.zarr", 1, True)
+    dense = stitch_dense(s, value=value, **RAW)
+    # by hand: every patch, the store's then the overlap's, Hann-weighted
+    num, den = np.zeros((32, 48)), np.zeros((32, 48))
+    w = blend_window(8, "hann").astype(np.float64)
+    sig = np.concatenate([d["signed"], d["o_signed"]]).astype(np.float64)
+    p = np.concatenate([d["p"], d["o_p"]])
+    pix = {"saliency": np.abs(sig), "evidence": np.maximum(sig, 0),
+           "weighted": np.abs(sig) * p[:, None, None],
+           "probability": np.broadcast_to(p[:, None, None], sig.shape)}[value]  # fmt: skip
+    for (x, y), v in zip(np.concatenate([d["coords"], d["o_coords"]]), pix, strict=True):
+        num[y // 4 : y // 4 + 8, x // 4 : x // 4 + 8] += w * v
+        den[y // 4 : y // 4 + 8, x // 4 : x // 4 + 8] += w
+    np.testing.assert_allclose(dense, num / den, rtol=1e-6)
+    out = stitch(s, tmp_path / "o.heatmap.zarr", chunk=12, value=value)  # chunks cut through patches
+    assert np.array_equal(level(out), stitch_dense(s, value=value))
+    assert dict(zarr.open_group(str(out), mode="r").attrs)["n_overlap"] == len(d["o_coords"])
+
+
+def test_evidence_needs_signed_maps(tmp_path: Path) -> None:
+    from wsi_scaat.errors import StoreError
+
+    s = make_store(tmp_path / "old.saliency.zarr", 64, 64, patch_l0=32, map_size=8,
+                   coords=grid(64, 64, 32, 32), maps=constant(1.0))  # fmt: skip
+    with pytest.raises(StoreError, match="old.saliency.zarr: has no signed maps .* re-run the saliency"):
+        stitch(s, tmp_path / "old.heatmap.zarr", value="evidence")
+    assert not (tmp_path / "old.heatmap.zarr").exists()
+    assert stitch_dense(s, value="probability", **RAW).max() == np.float32(0.5)  # p of the old store
+    with pytest.raises(ValueError, match="heatmap value must be one of"):
+        stitch_dense(s, value="gradient")

@@ -308,6 +308,9 @@ def saliency(
         SaliencyConfig, "batch_size"
     ),
     device: Annotated[str, typer.Option(help=_h(SaliencyConfig, "device"))] = _d(SaliencyConfig, "device"),
+    overlap: Annotated[int, typer.Option(min=0, help=_h(SaliencyConfig, "overlap"))] = _d(
+        SaliencyConfig, "overlap"
+    ),
     option: Annotated[
         list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
     ] = None,
@@ -327,6 +330,7 @@ def saliency(
         device=device,
         options=_options(option),
         progress=progress,
+        overlap=overlap,
     )
     typer.echo(f"wrote {path}")
 
@@ -336,6 +340,7 @@ def saliency(
 def stitch(
     saliency_store: Annotated[Path, typer.Argument(help="A <slide_id>.saliency.zarr store.")],
     out: Annotated[Path, typer.Option(help="The <slide_id>.heatmap.zarr pyramid to write.")],
+    value: Annotated[str, typer.Option(help=_h(StitchConfig, "value"))] = _d(StitchConfig, "value"),
     chunk: Annotated[int, typer.Option(min=64, help=_h(StitchConfig, "chunk"))] = _d(StitchConfig, "chunk"),
     window: Annotated[str, typer.Option(help=_h(StitchConfig, "window"))] = _d(StitchConfig, "window"),
     low_percentile: Annotated[
@@ -365,6 +370,7 @@ def stitch(
         mask_tissue=mask_tissue,
         scheduler=scheduler,
         progress=progress,
+        value=value,
     )
     typer.echo(f"wrote {path}")
 
@@ -397,6 +403,21 @@ def export(
     region_smooth_um: Annotated[float, typer.Option(min=0, help=_h(ExportConfig, "region_smooth_um"))] = _d(
         ExportConfig, "region_smooth_um"
     ),
+    overlay_low: Annotated[float, typer.Option(min=0, max=1, help=_h(ExportConfig, "overlay_low"))] = _d(
+        ExportConfig, "overlay_low"
+    ),
+    overlay_high: Annotated[float, typer.Option(min=0, max=1, help=_h(ExportConfig, "overlay_high"))] = _d(
+        ExportConfig, "overlay_high"
+    ),
+    display_smooth_um: Annotated[float, typer.Option(min=0, help=_h(ExportConfig, "display_smooth_um"))] = _d(
+        ExportConfig, "display_smooth_um"
+    ),
+    annotations: Annotated[
+        Path | None, typer.Option(help="The slide's GeoJSON annotations, outlined in the figure.")
+    ] = None,
+    annotation_class: Annotated[
+        str, typer.Option(help="Classification of the annotations outlined ('' for all).")
+    ] = "lesion",
 ) -> None:
     """OME-TIFF heatmaps, PNG thumbnails/overlay/figure and QuPath GeoJSON (tiles, regions)."""
     from wsi_scaat.heatmaps.export import export_slide
@@ -413,6 +434,11 @@ def export(
         thumbnail_size=thumbnail_size,
         tile_size=tile_size,
         region_smooth_um=region_smooth_um,
+        overlay_low=overlay_low,
+        overlay_high=overlay_high,
+        display_smooth_um=display_smooth_um,
+        annotations=annotations,
+        annotation_class=annotation_class or None,
     )
     for kind, path in paths.items():
         typer.echo(f"{kind}: {path}")

@@ -107,9 +107,19 @@ class SaliencyConfig(Section):
     splits: list[str] | None = Field(
         None, description="manifest splits explained, stitched and exported (null: every slide)"
     )
+    overlap: int = Field(
+        0, ge=0, le=4096,
+        description="patch pixels shared by neighbouring explained patches (extra patches cut between the "
+        "store's; e.g. half a patch, so that blending hides the patch borders); 0: the store's patches only",
+    )  # fmt: skip
 
 
 class StitchConfig(Section):
+    value: Literal["saliency", "evidence", "weighted", "probability"] = Field(
+        "weighted",  # the best held-out slide heatmap AUROC on the demo (README, docs/qupath.md)
+        description="what the heatmap shows: saliency (|attribution|), evidence (attribution > 0), weighted "
+        "(saliency x p(target)) or probability (p(target) over each patch)",
+    )
     chunk: int = Field(1024, ge=64, le=16384, description="heatmap chunk side (pixels)")
     window: Literal["hann", "flat"] = Field("hann", description="blending window of overlapping patches")
     low_percentile: float = Field(1.0, ge=0, le=100, description="normalisation: low clip percentile")
@@ -128,9 +138,25 @@ class StitchConfig(Section):
 
 class ExportConfig(Section):
     colormap: str = Field("inferno", description="matplotlib colormap")
-    overlay_alpha: float = Field(0.6, ge=0, le=1, description="overlay opacity at heatmap value 1")
+    overlay_alpha: float = Field(
+        0.75, ge=0, le=1, description="overlay opacity at heatmap values >= overlay_high"
+    )
+    overlay_low: float = Field(
+        0.2, ge=0, lt=1, description="heatmap value up to which the overlay leaves the tissue untouched"
+    )
+    overlay_high: float = Field(
+        0.5, gt=0, le=1, description="heatmap value from which the overlay is fully coloured (overlay_alpha)"
+    )
+    display_smooth_um: float = Field(
+        10.0, ge=0, le=1000,
+        description="Gaussian sigma (um) of the heatmap in the PNGs and the figure (the pyramid and the "
+        "OME-TIFFs keep the unsmoothed values)",
+    )  # fmt: skip
     region_threshold: float = Field(
-        0.3, gt=0, lt=1, description="smoothed heatmap value outlining high-saliency regions"
+        0.3,
+        gt=0,
+        lt=1,
+        description="heatmap value as shown (smoothed, display scale) outlining high-saliency regions",
     )
     min_region_area_um2: float = Field(2000.0, ge=0, description="smallest high-saliency region kept (um^2)")
     region_smooth_um: float = Field(
@@ -138,6 +164,14 @@ class ExportConfig(Section):
     )
     thumbnail_size: int = Field(2048, ge=64, le=16384, description="longer side of the PNGs (pixels)")
     tile_size: int = Field(512, ge=64, le=4096, description="OME-TIFF tile side (pixels)")
+
+    @field_validator("overlay_high")
+    @classmethod
+    def _above_low(cls, v: float, info: Any) -> float:
+        low = info.data.get("overlay_low")
+        if low is not None and v <= low:
+            raise ValueError(f"must be above overlay_low ({low})")
+        return v
 
     @field_validator("colormap")
     @classmethod

@@ -21,7 +21,8 @@ and the stitched heatmap, and measures:
   model-randomisation check (Spearman correlation of the maps of the trained and of a re-initialised
   model; low is good);
 - at slide level: the AUROC of the stitched heatmap against the lesion mask inside the tissue, per
-  slide and pooled over the slides with lesion.
+  slide and pooled over the slides with lesion; and that of every heatmap value (``stitch.value``),
+  blended from the saliency store on a bounded grid (``slide_auroc.value_histograms``).
 
 Writes ``<out>/models/<model>.json`` (the summary), ``<out>/models/<model>.patches.csv`` (one row per
 patch: every per-patch value, for paired comparisons) and ``<out>/models/<model>.slides.npz`` (per
@@ -50,8 +51,14 @@ from wsi_scaat.atomic import atomic_output, write_json, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.evaluation.groundtruth import LesionRegion
-from wsi_scaat.evaluation.slide_auroc import BINS, auroc_from_histograms, heatmap_histograms
+from wsi_scaat.evaluation.slide_auroc import (
+    BINS,
+    auroc_from_histograms,
+    heatmap_histograms,
+    value_histograms,
+)
 from wsi_scaat.evaluation.statistics import histogram_aggregates
+from wsi_scaat.heatmaps.values import VALUES
 from wsi_scaat.manifest import read_manifest
 from wsi_scaat.metrics import (
     auroc,
@@ -248,6 +255,11 @@ def evaluate_model(
     labels_all, probs_all, targets, eligible = [], [], [], []
     hist_pos, hist_neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     slide_hists = np.zeros((len(slides), 2, 2 * HIST_BINS))  # [heatmap, probability] x [pos | neg]
+    value_hists = {v: np.zeros((len(slides), 2 * HIST_BINS)) for v in VALUES}  # each stitch.value's map
+    value_pooled = {v: [np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)] for v in VALUES}
+    st = cfg.stitch
+    value_settings = {"window": st.window, "low_percentile": st.low_percentile,
+                      "high_percentile": st.high_percentile, "mask_tissue": st.mask_tissue}  # fmt: skip
     per_slide = []
     low, high = ec.mixed_fraction
     for k, s in enumerate(slides):
@@ -300,6 +312,11 @@ def evaluate_model(
             hist_neg += neg
             slide_auc = auroc_from_histograms(pos, neg)
             slide_hists[k, 0] = np.concatenate([_coarse(pos), _coarse(neg)])
+            for value in VALUES:  # every heatmap value, blended from the store on a bounded grid
+                vp, vn = value_histograms(s.saliency, region, value, **value_settings)
+                value_pooled[value][0] += vp
+                value_pooled[value][1] += vn
+                value_hists[value][k] = np.concatenate([_coarse(vp), _coarse(vn)])
         p = probs[:, lesion_class].astype(np.float64)
         slide_hists[k, 1] = histogram_aggregates(np.zeros(len(p), np.int64), p, labels == lesion_class, 1,
                                                  HIST_BINS)[0]  # fmt: skip
@@ -371,6 +388,7 @@ def evaluate_model(
         "auroc": _finite(auroc(probs_cat[:, lesion_class], labels_cat == lesion_class)),
         "heatmap_auroc": _finite(auroc_from_histograms(hist_pos, hist_neg)),
         "heatmap_auroc_slides": sum(1 for r in per_slide if r["heatmap_auroc"] is not None),
+        "heatmap_auroc_by_value": {v: _finite(auroc_from_histograms(*value_pooled[v])) for v in VALUES},
         "per_slide": per_slide, "wsi_scaat_version": __version__,
         "evaluate": ec.model_dump(mode="json"),
     }  # fmt: skip
@@ -385,7 +403,8 @@ def evaluate_model(
     write_text(out / f"{model}.patches.csv", _patch_csv(model, rows))
     with atomic_output(out / f"{model}.slides.npz") as tmp, tmp.open("wb") as fh:
         np.savez_compressed(fh, slide_ids=np.array([s.slide_id for s in slides]), heatmap=slide_hists[:, 0],
-                            probability=slide_hists[:, 1])  # fmt: skip
+                            probability=slide_hists[:, 1],
+                            **{f"heatmap_{v}": value_hists[v] for v in VALUES})  # fmt: skip
     write_json(out / f"{model}.json", summary)
     return summary
 

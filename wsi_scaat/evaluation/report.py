@@ -16,6 +16,7 @@ from wsi_scaat.atomic import atomic_output, write_text
 from wsi_scaat.config import Config
 from wsi_scaat.evaluation.evaluate import PATCH_METRICS, eval_slides, load_summaries
 from wsi_scaat.evaluation.groundtruth import LesionRegion
+from wsi_scaat.evaluation.slide_auroc import EVAL_MAX_SIDE
 from wsi_scaat.evaluation.statistics import (
     Interval,
     auroc_statistic,
@@ -23,6 +24,7 @@ from wsi_scaat.evaluation.statistics import (
     mean_statistic,
     patch_aggregates,
 )
+from wsi_scaat.heatmaps.values import VALUES
 
 # (key, column title, True when higher is better, statistic) of the tables, in order. "mean": mean of a
 # per-patch value; "auroc:<histogram>": pooled AUROC of the per-slide histograms of <model>.slides.npz.
@@ -42,10 +44,12 @@ COLUMNS = (
     ("relevance_mass", "relevance mass", True, "mean:relevance_mass"),
     ("pointing_game", "pointing game", True, "mean:pointing_game"),
     ("heatmap_auroc", "slide heatmap AUROC", True, "auroc:heatmap"),
+    *((f"heatmap_auroc_{v}", f"slide AUROC: {v}", True, f"auroc:heatmap_{v}") for v in VALUES),
 )
 CSV_FIELDS = [
     *("model", "run", "seed", "method", "knobs", "n_slides", "n_patches", "accuracy", "auroc"),
     *("heatmap_auroc", "loc_pixels_total", "loc_lesion_pixels_total"),
+    *(f"heatmap_auroc_{v}" for v in VALUES),
     *PATCH_METRICS,
     *(f"{m}_ci95" for m in PATCH_METRICS),
     *(f"{m}_n" for m in PATCH_METRICS),
@@ -58,12 +62,18 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
+def _flat(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary with ``heatmap_auroc_by_value`` spread into ``heatmap_auroc_<value>`` keys."""
+    by_value = summary.get("heatmap_auroc_by_value") or {}
+    return summary | {f"heatmap_auroc_{v}": by_value.get(v) for v in VALUES}
+
+
 def metrics_csv(summaries: list[dict[str, Any]]) -> str:
     """One row per model: every figure of the summaries, with 95% half-widths (over patches) and counts."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
-    for s in summaries:
+    for s in map(_flat, summaries):
         w.writerow({k: ("" if s.get(k) is None else s.get(k)) for k in CSV_FIELDS})
     return buf.getvalue()
 
@@ -209,7 +219,11 @@ def metrics_markdown(cfg: Config, rows: list[RunRow], summaries: list[dict[str, 
         f"than chance). Randomisation ρ: Spearman correlation of the maps of the model and of the same "
         f"architecture re-initialised (n = {n['randomisation_spearman']}; lower: the maps depend on what "
         f"was learned). The slide heatmap AUROC pools the tissue pixels of the held-out slides with "
-        f"lesion. ↑: higher is better; ↓: lower is better; bold: best of the column.",
+        f"lesion (stitched heatmap: stitch.value = {cfg.stitch.value}); the 'slide AUROC: <value>' columns "
+        f"measure each heatmap value the same way, blended from the saliency store on a grid of at most "
+        f"{EVAL_MAX_SIDE} px a side: saliency (|attribution|), evidence (attribution > 0), weighted "
+        "(saliency x p(target)) and probability (p(target) over each patch, the baseline a saliency "
+        "heatmap must beat). ↑: higher is better; ↓: lower is better; bold: best of the column.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -5,20 +5,31 @@ to two histograms of heatmap values (lesion, non-lesion) over ``BINS`` equal bin
 are normalised to that range). The AUROC is then the Mann-Whitney statistic of the histograms, ties
 within a bin counted one half: exact for values that differ by more than 1 / ``BINS``, and the
 pooled AUROC of several slides is the same statistic of the summed histograms.
+
+Every heatmap value (``stitch.value``: saliency, evidence, weighted, probability) is also measured
+without stitching it, on :func:`wsi_scaat.heatmaps.bounded.value_map` (the value blended from the
+saliency store into one in-memory map of at most ``EVAL_MAX_SIDE`` pixels a side; exactly the
+stitched level 0 when that fits).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
 from wsi_scaat.errors import StoreError
 from wsi_scaat.evaluation.groundtruth import LesionRegion
+from wsi_scaat.heatmaps import values
+from wsi_scaat.heatmaps.bounded import value_map
 from wsi_scaat.heatmaps.stitching import tissue_pixels
 
 BINS = 1 << 16
+EVAL_MAX_SIDE = 2048  # longer side of the in-memory map of each value (64 MB of float64 buffers)
 
 
 def heatmap_histograms(
@@ -61,3 +72,42 @@ def auroc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float:
         return float("nan")
     below = np.cumsum(neg) - neg
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def value_histograms(saliency_store: str | Path, region: LesionRegion, value: str, bins: int = BINS,
+                     **settings: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(lesion, non-lesion) histograms of :func:`value_map` on its tissue pixels (all pixels without a
+    tissue mask); ``settings``: the options of :func:`value_map`."""
+    vm = value_map(saliency_store, value, **({"max_side": EVAL_MAX_SIDE} | settings))
+    pos = np.zeros(bins, dtype=np.int64)
+    neg = np.zeros(bins, dtype=np.int64)
+    h, w = vm.values.shape
+    for r0 in range(0, h, 256):
+        r1 = min(r0 + 256, h)
+        keep = vm.tissue[r0:r1] if vm.tissue is not None else np.ones((r1 - r0, w), bool)
+        lesion = region.grid_mask((r0, r1), (0, w), vm.pixel)
+        idx = np.clip(np.floor(vm.values[r0:r1].astype(np.float64) * bins), 0, bins - 1).astype(np.int64)
+        pos += np.bincount(idx[keep & lesion], minlength=bins)
+        neg += np.bincount(idx[keep & ~lesion], minlength=bins)
+    return pos, neg
+
+
+def value_aurocs(
+    slides: Iterable[Any], regions: dict[str, LesionRegion], stitch: Any
+) -> dict[str, float | None]:
+    """Pooled slide heatmap AUROC of every heatmap value over the ``slides`` (each with ``slide_id`` and
+    ``saliency``, its store) whose lesion region in ``regions`` is not empty, with the stitch settings
+    ``stitch`` (a ``StitchConfig``); None where undefined (no lesion, or no non-lesion tissue)."""
+    settings = {"window": stitch.window, "low_percentile": stitch.low_percentile,
+                "high_percentile": stitch.high_percentile, "mask_tissue": stitch.mask_tissue}  # fmt: skip
+    pairs = [(s.saliency, regions[s.slide_id]) for s in slides if not regions[s.slide_id].empty]
+    out: dict[str, float | None] = {}
+    for value in values.VALUES:
+        pos, neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
+        for path, region in pairs:
+            p, n = value_histograms(path, region, value, **settings)
+            pos += p
+            neg += n
+        auc = auroc_from_histograms(pos, neg)
+        out[value] = auc if math.isfinite(auc) else None
+    return out

@@ -5,10 +5,11 @@ are FeatureCollections written feature by feature (streamed), numbers rounded to
 ``SIGNIFICANT`` significant digits. ``measurements`` is a JSON object (name -> number), the form
 QuPath 0.4+ reads; ``Measure > Show measurement maps`` then colours objects by any of them.
 
-Per-patch saliency: every map value ``m`` is normalised like the heatmap,
+Per-patch saliency: every value ``m`` the patch adds to the heatmap (its map, or what the heatmap's
+``value`` makes of it: see :mod:`wsi_scaat.heatmaps.values`) is normalised like the heatmap,
 ``clip((m - low) / (high - low), 0, 1)`` with the heatmap's ``normalization`` ``{low, high}``
 (``m > low`` when ``high == low``; identity when the heatmap was not normalised);
-``saliency_mean`` is the mean of the normalised map, ``saliency_max`` its maximum.
+``saliency_mean`` is the mean of the normalised values, ``saliency_max`` their maximum.
 
 Regions: the pixels of one heatmap pyramid level with value ``>= threshold`` are traced with
 marching squares (:func:`skimage.measure.find_contours` on the binary mask, 8-connected regions)
@@ -55,15 +56,23 @@ def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return (v > low).astype(np.float32)
 
 
-def patch_saliency(maps: Any, low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patch mean and max of the normalised maps ``(N, h, w)``, read in bounded batches."""
+def patch_saliency(
+    maps: Any, low: float, high: float, value: str = "saliency", prob: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch mean and max of the normalised heatmap ``value`` of the maps ``(N, h, w)`` (the
+    store array the value is made of) and the target-class probabilities ``prob``, in bounded batches."""
+    from wsi_scaat.heatmaps.values import pixel_values
+
     n = int(maps.shape[0])
     per_patch = int(np.prod(maps.shape[1:])) * 2
     chunk = int(getattr(maps, "chunks", (64,))[0])
     batch = max(chunk, (MAP_BATCH_BYTES // max(per_patch, 1)) // chunk * chunk)
     means, maxes = np.zeros(n, np.float32), np.zeros(n, np.float32)
     for start in range(0, n, batch):
-        m = normalise(maps[start : start + batch], low, high).reshape(-1, per_patch // 2)
+        p = None if prob is None else prob[start : start + batch]
+        raw = None if value == "probability" else maps[start : start + batch]
+        v = raw if value == "saliency" else pixel_values(value, raw, p, maps.shape[-1])
+        m = normalise(v, low, high).reshape(-1, per_patch // 2)
         means[start : start + len(m)] = m.mean(1)
         maxes[start : start + len(m)] = m.max(1)
     return means, maxes

@@ -68,9 +68,9 @@ class ChunkCache:
                 self._bytes -= self._data.popitem(last=False)[1].nbytes
 
     def drop(self, token: str) -> None:
-        """Forget the chunks of one run."""
+        """Forget the chunks of one run (keys ``token`` and ``token/<anything>``)."""
         with self._lock:
-            for key in [k for k in self._data if k[0] == token]:
+            for key in [k for k in self._data if k[0] == token or k[0].startswith(f"{token}/")]:
                 self._bytes -= self._data.pop(key).nbytes
 
 

@@ -5,13 +5,21 @@ Geometry (see the contract in :mod:`wsi_scaat.heatmaps`): heatmap pixels are map
 level-0 ``(x, y)`` lands at heatmap column ``round(x / hd)`` (half to even) and row ``round(y / hd)``;
 parts beyond the slide are dropped.
 
+Value (``stitch.value``, :mod:`wsi_scaat.heatmaps.values`): each patch contributes per-pixel values
+``m_i``: its saliency map, the positive part of its signed map (``evidence``), its saliency map times
+its probability of the target class (``weighted``) or that probability alone (``probability``).
+The patches are the store's and, when the saliency stage ran with an overlap, those of its
+``overlap`` group (read after the store's own).
+
 Blending: ``value = sum_i w * m_i / sum_i w`` over the patches covering a pixel, accumulated in
 float64 in store (patch index) order and rounded once to float32, so a constant, or any set of
 equal values, stitches to exactly that value. ``w`` is :func:`blend_window`. Non-finite map values
 are read as 0 (NaN) or the float16 maximum (inf). Pixels covered by no patch are 0.
 
-Normalisation (per slide): ``v_lo, v_hi`` are the ``low_percentile`` / ``high_percentile``
-(numpy linear interpolation, finite values only) of the raw patch map values, taken over a
+Normalisation (per slide; not for ``probability``, already in [0, 1]): ``v_lo, v_hi`` are the
+``low_percentile`` / ``high_percentile`` (numpy linear interpolation, finite values only) of the
+raw patch values of the saliency factor (the maps; for ``evidence`` their positive part) of the
+store's own patches, taken over a
 deterministic subsample: every k-th patch, starting at patch k // 2, with
 ``k = ceil(N * map_size**2 / PERCENTILE_SAMPLE_VALUES)`` (all patches when they hold at most
 ``PERCENTILE_SAMPLE_VALUES`` ~ 4.2 M values), read in batches grouped by store chunk. The stored
@@ -49,17 +57,17 @@ import zarr
 
 from wsi_scaat.atomic import atomic_output
 from wsi_scaat.errors import StoreError
-from wsi_scaat.heatmaps import pyramid
+from wsi_scaat.heatmaps import pyramid, values
 from wsi_scaat.heatmaps.pyramid import read_patches, read_patches_cached
+from wsi_scaat.saliency.store import OVERLAP_GROUP, signed_maps, target_probability
 from wsi_scaat.sections import StitchConfig
 from wsi_scaat.sections import field_default as _d
 
-HEATMAP_VERSION = 1
+HEATMAP_VERSION = 2
 SUFFIX = ".heatmap.zarr"
 WINDOWS = ("hann", "flat")
 PERCENTILE_SAMPLE_VALUES = 1 << 22  # at most this many map values (plus one patch) for the percentiles
 READ_BATCH = 1024  # patches per read when sampling
-F16_MAX = float(np.finfo(np.float16).max)
 
 
 def blend_window(size: int, kind: str) -> np.ndarray:
@@ -122,26 +130,30 @@ def sample_indices(n: int, map_size: int, budget: int = PERCENTILE_SAMPLE_VALUES
     return np.arange(k // 2, n, k, dtype=np.int64)
 
 
-def percentile_range(maps: zarr.Array, low: float, high: float) -> tuple[float, float]:
-    """(v_lo, v_hi): percentiles of the finite values of the subsampled maps; (0, 0) when none."""
+def percentile_range(
+    maps: zarr.Array, low: float, high: float, value: str = "saliency"
+) -> tuple[float, float]:
+    """(v_lo, v_hi): percentiles of the finite values of the subsampled maps (their saliency factor for
+    ``value``: the positive part for ``evidence``); (0, 0) when none."""
     idx = sample_indices(maps.shape[0], maps.shape[1])
     parts = []
     for s in range(0, len(idx), READ_BATCH):
-        v = read_patches(maps, idx[s : s + READ_BATCH]).ravel()
+        v = values.factor(value, read_patches(maps, idx[s : s + READ_BATCH])).ravel()
         parts.append(v[np.isfinite(v)])
-    values = np.concatenate(parts) if parts else np.zeros(0, np.float16)
-    if values.size == 0:
+    sample = np.concatenate(parts) if parts else np.zeros(0, np.float16)
+    if sample.size == 0:
         return 0.0, 0.0
-    lo, hi = np.percentile(values.astype(np.float64), [low, high])
+    lo, hi = np.percentile(sample.astype(np.float64), [low, high])
     return float(lo), float(hi)
 
 
-def _accumulate(num: np.ndarray, den: np.ndarray, maps: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+def _accumulate(num: np.ndarray, den: np.ndarray, pixels: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                 r0: int, c0: int, window: np.ndarray) -> None:  # fmt: skip
-    """Add ``w * m`` and ``w`` of each patch (in the given order) into the buffers at (r0, c0)."""
+    """Add ``w * m`` and ``w`` of each patch's float64 values (in the given order) into the buffers at
+    (r0, c0); ``pixels`` is overwritten."""
     m = window.shape[0]
     h, w = num.shape
-    weighted = np.nan_to_num(maps.astype(np.float64), nan=0.0, posinf=F16_MAX, neginf=-F16_MAX)
+    weighted = pixels
     weighted *= window
     for k in range(len(rows)):
         pr, pc = int(rows[k]) - r0, int(cols[k]) - c0
@@ -169,21 +181,49 @@ def _finish(num: np.ndarray, den: np.ndarray, norm: tuple[float, float] | None,
     return raw
 
 
-def render_block(maps_path: str, idx: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                 box: tuple[int, int, int, int], map_size: int, window: str, norm: tuple[float, float] | None,
-                 tissue: Tissue | None, hd: float, token: str | None = None) -> np.ndarray:  # fmt: skip
-    """One heatmap block ``[r0:r1, c0:c1]`` from the patches ``idx`` (sorted) placed at ``rows, cols``;
-    with a ``token``, maps are read through the process's chunk cache."""
+@dataclass(frozen=True)
+class Part:
+    """The patches of one block from one set (the store's own or its overlap group)."""
+
+    array: str | None  # path of the zarr array read (None for ``probability``)
+    idx: np.ndarray  # sorted indices in that set
+    rows: np.ndarray
+    cols: np.ndarray
+    prob: np.ndarray | None  # probability of the target class, when the value needs it
+
+
+def render_block(parts: list[Part], box: tuple[int, int, int, int], map_size: int, window: str,
+                 norm: tuple[float, float] | None, tissue: Tissue | None, hd: float, value: str = "saliency",
+                 token: str | None = None) -> np.ndarray:  # fmt: skip
+    """One heatmap block ``[r0:r1, c0:c1]`` from the patches of ``parts`` (in order); with a ``token``,
+    maps are read through the process's chunk cache."""
     r0, r1, c0, c1 = box
-    if len(idx) == 0:
+    if not any(len(p.idx) for p in parts):
         return np.zeros((r1 - r0, c1 - c0), dtype=np.float32)
     num = np.zeros((r1 - r0, c1 - c0), dtype=np.float64)
     den = np.zeros_like(num)
-    maps_arr = zarr.open_array(maps_path, mode="r")
-    maps = read_patches(maps_arr, idx) if token is None else read_patches_cached(maps_arr, idx, token)
-    _accumulate(num, den, maps, rows, cols, r0, c0, _window64(map_size, window))
+    win = _window64(map_size, window)
+    for k, p in enumerate(parts):
+        if not len(p.idx):
+            continue
+        raw = None
+        if p.array is not None:
+            arr = zarr.open_array(p.array, mode="r")
+            cached = token is not None
+            raw = read_patches_cached(arr, p.idx, f"{token}/{k}") if cached else read_patches(arr, p.idx)
+        _accumulate(num, den, values.pixel_values(value, raw, p.prob, map_size), p.rows, p.cols, r0, c0, win)
     mask = None if tissue is None else _tissue_pixels(tissue, hd, box)
     return _finish(num, den, norm, mask)
+
+
+@dataclass
+class Source:
+    """One set of patches: the store's own (``offset`` 0) or its overlap group (``offset`` N)."""
+
+    array: zarr.Array | None
+    prob: np.ndarray | None
+    offset: int
+    n: int
 
 
 @dataclass
@@ -195,15 +235,42 @@ class Plan:
     hd: float
     shape: tuple[int, int]
     map_size: int
-    rows: np.ndarray  # heatmap row of each patch's top-left
+    rows: np.ndarray  # heatmap row of each patch's top-left, the store's patches then the overlap's
     cols: np.ndarray
-    maps: zarr.Array
+    maps: zarr.Array  # the store's own ``maps``
     tissue_mask: np.ndarray | None
     tissue_downsample: float
+    value: str = "saliency"
+    sources: list[Source] | None = None
+
+    def parts(self, idx: np.ndarray) -> list[Part]:
+        """``idx`` (sorted, over all patches) split by source, with positions and probabilities."""
+        out = []
+        for src in self.sources or []:
+            sel = idx[(idx >= src.offset) & (idx < src.offset + src.n)]
+            local = sel - src.offset
+            path = None if src.array is None else str(self.path / src.array.path)
+            prob = None if src.prob is None else src.prob[local]
+            out.append(Part(path, local, self.rows[sel], self.cols[sel], prob))
+        return out
 
 
-def open_plan(saliency_store: str | Path, mask_tissue: bool) -> Plan:
-    """Read the store's attributes, coords and (small) tissue mask; compute the heatmap geometry."""
+def _source(group: zarr.Group, path: Path, value: str, offset: int, n: int, map_size: int) -> Source:
+    name = values.source_array(value)
+    arr = None
+    if name == "signed":
+        arr = signed_maps(group, path)
+    elif name is not None:
+        arr = group[name]
+    if arr is not None and arr.shape != (n, map_size, map_size):
+        raise StoreError(path, f"{name} {arr.shape} do not match {n} patches of {map_size} px")
+    prob = target_probability(group) if values.uses_probability(value) else None
+    return Source(arr, prob, offset, n)
+
+
+def open_plan(saliency_store: str | Path, mask_tissue: bool, value: str = "saliency") -> Plan:
+    """Read the store's attributes, coords, probabilities and (small) tissue mask; the heatmap geometry."""
+    values.check_value(value)
     path = Path(saliency_store).absolute()  # tasks may run on workers with another working folder
     if not path.exists():
         raise StoreError(path, "saliency store not found")
@@ -219,13 +286,29 @@ def open_plan(saliency_store: str | Path, mask_tissue: bool) -> Plan:
         if mask_tissue and "tissue_mask" in root:
             mask = np.asarray(root["tissue_mask"][...])
             td = float(attrs["tissue_downsample"])
+        groups = [(root, len(coords))]
+        if OVERLAP_GROUP in root:
+            extra = np.asarray(root[OVERLAP_GROUP]["coords"][...], dtype=np.int64).reshape(-1, 2)
+            groups.append((root[OVERLAP_GROUP], len(extra)))
+            coords = np.concatenate([coords, extra])
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise StoreError(path, f"not a usable saliency store: {exc!r}") from exc
-    if maps.shape != (len(coords), map_size, map_size):
-        raise StoreError(path, f"maps {maps.shape} do not match {len(coords)} patches of {map_size} px")
+    if maps.shape != (groups[0][1], map_size, map_size):
+        raise StoreError(path, f"maps {maps.shape} do not match {groups[0][1]} patches of {map_size} px")
+    sources, offset = [], 0
+    for group, n in groups:
+        sources.append(_source(group, path, value, offset, n, map_size))
+        offset += n
     rows = np.rint(coords[:, 1] / hd).astype(np.int64)
     cols = np.rint(coords[:, 0] / hd).astype(np.int64)
-    return Plan(path, attrs, hd, shape, map_size, rows, cols, maps, mask, td)
+    return Plan(path, attrs, hd, shape, map_size, rows, cols, maps, mask, td, value, sources)
+
+
+def slide_range(plan: Plan, low: float, high: float, normalize: bool = True) -> tuple[float, float] | None:
+    """(v_lo, v_hi) of the plan's value, or None when it is not normalised."""
+    if not normalize or not values.normalised(plan.value):
+        return None
+    return percentile_range(plan.sources[0].array, low, high, plan.value)
 
 
 def block_patches(rows: np.ndarray, cols: np.ndarray, m: int, shape: tuple[int, int],
@@ -260,17 +343,17 @@ def _check(window: str, low: float, high: float, chunk: int) -> None:
 
 def heatmap_level0(saliency_store: str | Path, *, chunk: int = 1024, window: str = "hann",
                    low_percentile: float = 1.0, high_percentile: float = 99.0, mask_tissue: bool = True,
-                   normalize: bool = True, token: str | None = None,
+                   normalize: bool = True, token: str | None = None, value: str = _d(StitchConfig, "value"),
                    ) -> tuple[da.Array, Plan, tuple[float, float] | None]:  # fmt: skip
     """Lazy level 0 (float32 dask array of (chunk, chunk) blocks), the plan and (v_lo, v_hi).
 
     Block tasks are named in row-major order, so that dask runs neighbours together; with a ``token``
     they share decoded store chunks through ``pyramid.CACHE`` (``pyramid.CACHE.drop(token)`` when done)."""
     _check(window, low_percentile, high_percentile, chunk)
-    plan = open_plan(saliency_store, mask_tissue)
-    norm = percentile_range(plan.maps, low_percentile, high_percentile) if normalize else None
+    plan = open_plan(saliency_store, mask_tissue, value)
+    norm = slide_range(plan, low_percentile, high_percentile, normalize)
     indices, bounds = block_patches(plan.rows, plan.cols, plan.map_size, plan.shape, chunk)
-    (h, w), maps_path = plan.shape, str(plan.path / "maps")
+    h, w = plan.shape
     render = dask.delayed(render_block)
     name = f"heatmap-block-{token or uuid.uuid4().hex}"
     grid = []
@@ -283,8 +366,8 @@ def heatmap_level0(saliency_store: str | Path, *, chunk: int = 1024, window: str
             tissue = None
             if plan.tissue_mask is not None:
                 tissue = _tissue_for(plan.tissue_mask, plan.tissue_downsample, plan.hd, box)
-            task = render(maps_path, idx, plan.rows[idx], plan.cols[idx], box, plan.map_size, window, norm,
-                          tissue, plan.hd, token, dask_key_name=f"{name}-{bi:06d}-{bj:06d}")  # fmt: skip
+            task = render(plan.parts(idx), box, plan.map_size, window, norm, tissue, plan.hd, plan.value,
+                          token, dask_key_name=f"{name}-{bi:06d}-{bj:06d}")  # fmt: skip
             line.append(da.from_delayed(task, (box[1] - r0, box[3] - c0), dtype=np.float32))
         grid.append(line)
     level0 = da.block(grid) if grid and grid[0] else da.zeros((h, w), dtype=np.float32, chunks=chunk)
@@ -294,6 +377,8 @@ def heatmap_level0(saliency_store: str | Path, *, chunk: int = 1024, window: str
 def _attrs(plan: Plan, norm: tuple[float, float] | None, low: float, high: float, window: str,
            n_levels: int, chunk: int) -> dict[str, Any]:  # fmt: skip
     normalization: dict[str, Any] = {"method": "none"}
+    if norm is None and not values.normalised(plan.value):
+        normalization = {"method": "none", "reason": f"{plan.value} values are in [0, 1]"}
     if norm is not None:
         normalization = {"method": "percentile", "low_percentile": float(low),
                          "high_percentile": float(high), "low": norm[0], "high": norm[1]}  # fmt: skip
@@ -301,6 +386,9 @@ def _attrs(plan: Plan, norm: tuple[float, float] | None, low: float, high: float
     name = str(plan.attrs.get("slide_id", plan.path.name))
     return plan.attrs | {
         "heatmap_downsample": plan.hd,
+        "value": plan.value,
+        "meaning": values.meaning(plan.value, str(plan.attrs.get("saliency_target", "predicted"))),
+        "n_overlap": int(sum(s.n for s in plan.sources[1:])) if plan.sources else 0,
         "level_downsamples": [2**k for k in range(n_levels)],
         "normalization": normalization,
         "window": window,
@@ -316,17 +404,20 @@ def stitch(saliency_store: str | Path, out: str | Path, *, chunk: int = _d(Stitc
            low_percentile: float = _d(StitchConfig, "low_percentile"),
            high_percentile: float = _d(StitchConfig, "high_percentile"),
            mask_tissue: bool = _d(StitchConfig, "mask_tissue"), scheduler: str | None = None,
-           progress: bool = False, normalize: bool = True) -> Path:  # fmt: skip
+           progress: bool = False, normalize: bool = True,
+           value: str = _d(StitchConfig, "value")) -> Path:  # fmt: skip
     """Build the ``.heatmap.zarr`` pyramid ``out`` atomically (temporary sibling, renamed when complete).
 
     ``scheduler``: None for dask's local threads (one per available core), "threads" / "synchronous"
     / "processes", or a ``dask.distributed`` scheduler address. ``normalize=False`` keeps the raw
-    blend (for checks; the contract's outputs are normalised). Returns ``out``.
+    blend (for checks; the contract's outputs are normalised). ``value``: what a pixel means
+    (:mod:`wsi_scaat.heatmaps.values`). Returns ``out``.
     """
     out, token = Path(out), uuid.uuid4().hex
     level0, plan, norm = heatmap_level0(saliency_store, chunk=chunk, window=window, token=token,
                                         low_percentile=low_percentile, high_percentile=high_percentile,
-                                        mask_tissue=mask_tissue, normalize=normalize)  # fmt: skip
+                                        mask_tissue=mask_tissue, normalize=normalize,
+                                        value=value)  # fmt: skip
     shapes = pyramid.level_shapes(*plan.shape)
     with atomic_output(out.absolute()) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -342,17 +433,22 @@ def stitch(saliency_store: str | Path, out: str | Path, *, chunk: int = _d(Stitc
 
 def stitch_dense(saliency_store: str | Path, *, window: str = "hann", low_percentile: float = 1.0,
                  high_percentile: float = 99.0, mask_tissue: bool = True, normalize: bool = True,
-                 batch: int = 4096) -> np.ndarray:  # fmt: skip
+                 batch: int = 4096, value: str = _d(StitchConfig, "value")) -> np.ndarray:  # fmt: skip
     """Reference: heatmap level 0 as one dense numpy canvas (same blending, normalisation, masking)."""
     _check(window, low_percentile, high_percentile, 1)
-    plan = open_plan(saliency_store, mask_tissue)
-    norm = percentile_range(plan.maps, low_percentile, high_percentile) if normalize else None
+    plan = open_plan(saliency_store, mask_tissue, value)
+    norm = slide_range(plan, low_percentile, high_percentile, normalize)
     num = np.zeros(plan.shape, dtype=np.float64)
     den = np.zeros_like(num)
     win = _window64(plan.map_size, window)
-    for s in range(0, len(plan.rows), batch):
-        maps = np.asarray(plan.maps[s : s + batch])
-        _accumulate(num, den, maps, plan.rows[s : s + batch], plan.cols[s : s + batch], 0, 0, win)
+    for src in plan.sources:
+        for s in range(0, src.n, batch):
+            raw = None if src.array is None else np.asarray(src.array[s : s + batch])
+            prob = None if src.prob is None else src.prob[s : s + batch]
+            n = min(batch, src.n - s)
+            pix = values.pixel_values(value, raw, prob, plan.map_size)
+            sel = slice(src.offset + s, src.offset + s + n)
+            _accumulate(num, den, pix, plan.rows[sel], plan.cols[sel], 0, 0, win)
     box = (0, plan.shape[0], 0, plan.shape[1])
     mask = None
     if plan.tissue_mask is not None and num.size:

@@ -4,11 +4,15 @@ Reads the patch store in contiguous batches (the next batch is read while the cu
 computed), runs the model on CUDA when available, and writes ``<slide_id>.saliency.zarr``
 (see :mod:`wsi_scaat.saliency.store`). For ``gradient`` and ``grad_x_input`` one forward pass
 gives both the probabilities and the map (forward + backward per batch, the floor of any
-gradient method); other methods add their own passes.
+gradient method); other methods add their own passes. Each patch keeps two maps: the channel sum of
+|attribution| (``maps``) and of the signed attribution (``signed``). With ``overlap`` > 0, extra
+patches cut between the store's patches (:mod:`wsi_scaat.saliency.overlap`) are explained too and
+written to the store's ``overlap`` group, so that stitching can blend away the patch borders.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,8 @@ from tqdm import tqdm
 from wsi_scaat import __version__
 from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.manifest import check_slide_id
-from wsi_scaat.saliency.store import SUFFIX, create_saliency_store
+from wsi_scaat.saliency.overlap import OverlapPlan, overlap_patches, plan_overlap
+from wsi_scaat.saliency.store import SUFFIX, SaliencyWriter, create_saliency_store
 from wsi_scaat.sections import SaliencyConfig
 from wsi_scaat.sections import field_default as _d
 from wsi_scaat.store import open_store
@@ -79,8 +84,9 @@ def _check_fit(store_attrs: dict, state: dict, store_path: Path) -> None:
 
 def explain_batch(
     model: torch.nn.Module, x: torch.Tensor, fixed_target: int | None, method: str, options: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Probabilities (B, K), targets (B,) and channel-summed |attribution| maps (B, H, W) of a batch."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities (B, K), targets (B,), channel-summed |attribution| (B, H, W) and channel-summed
+    signed attribution (B, H, W) of a batch."""
     if method in ("gradient", "grad_x_input"):  # one forward serves probabilities and map
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -102,7 +108,7 @@ def explain_batch(
             probs.argmax(1) if fixed_target is None else torch.full_like(probs[:, 0], fixed_target).long()
         )
         attr = attribute(model, x, target, method, **options)
-    return probs, target, attr.abs().sum(1)
+    return probs, target, attr.abs().sum(1), attr.sum(1)
 
 
 def run_saliency(
@@ -117,8 +123,10 @@ def run_saliency(
     device: str = _d(SaliencyConfig, "device"),
     options: dict[str, Any] | None = None,
     progress: bool | None = None,
+    overlap: int = _d(SaliencyConfig, "overlap"),
 ) -> Path:
-    """Write ``out_dir/<slide_id>.saliency.zarr`` for every patch of ``store``; returns its path."""
+    """Write ``out_dir/<slide_id>.saliency.zarr`` for every patch of ``store`` (and, with ``overlap``
+    px > 0, for the extra patches between them); returns its path."""
     from wsi_scaat.training.loop import resolve_device
 
     options = dict(options or {})
@@ -140,6 +148,10 @@ def run_saliency(
                 None, f"map downsample {map_downsample} does not divide the patch size {size}"
             )
         map_size = size // map_downsample
+        try:
+            extra = plan_overlap(patches.coords, attrs, overlap)
+        except WsiScaatError as exc:
+            raise SaliencyError(patches.path, exc.cause) from None
         try:  # the id names the output: never a path out of out_dir
             slide_id = check_slide_id(str(attrs["slide_id"]))
         except ValueError as exc:
@@ -156,47 +168,60 @@ def run_saliency(
             "model_method": state.get("method"),
             "model_epoch": state.get("epoch"),
             "saliency_options": options or {},
+            "saliency_overlap": int(overlap),
+            "n_overlap": len(extra),
             "wsi_scaat_version": __version__,
         }
-        n = len(patches)
-        with create_saliency_store(out, n, len(class_names), map_size, meta) as writer:
-            writer.write_array("coords", patches.coords)
-            if "tissue_mask" in patches:
-                writer.write_array("tissue_mask", patches.array("tissue_mask"))
-            _fill(
-                writer,
-                patches,
-                model,
-                dev,
-                fixed,
-                method,
-                options or {},
-                batch_size,
-                map_downsample,
-                progress,
-            )
+        explain_store(model, patches, out, meta, len(class_names), fixed, method, options, batch_size,
+                      map_downsample, dev, extra, progress)  # fmt: skip
     finally:
         patches.close()
     return out
 
 
-def _fill(writer, patches, model, dev, fixed, method, options, batch_size, downsample, progress) -> None:
-    n = len(patches)
-    starts = list(range(0, n, batch_size))
+def explain_store(model: torch.nn.Module, patches: Any, out: Path, meta: dict[str, Any], n_classes: int,
+                  fixed: int | None, method: str, options: dict[str, Any], batch_size: int, downsample: int,
+                  dev: torch.device, extra: OverlapPlan, progress: bool | None = None) -> Path:  # fmt: skip
+    """Write the saliency store ``out`` of the open patch store ``patches`` with ``model`` (attributes
+    ``meta``, which must hold ``map_size``); the ``extra`` patches go to its ``overlap`` group."""
+    n, map_size = len(patches), int(meta["map_size"])
+    with create_saliency_store(out, n, n_classes, map_size, meta, signed=True) as writer:
+        writer.write_array("coords", patches.coords)
+        if "tissue_mask" in patches:
+            writer.write_array("tissue_mask", patches.array("tissue_mask"))
+        total = n + len(extra)
+        disable = None if progress is None else not progress
+        with tqdm(total=total, unit="patch", desc="saliency", disable=disable) as bar:
+            batches = (np.asarray(patches.imgs[s : s + batch_size]) for s in range(0, n, batch_size))
+            _fill(writer, batches, model, dev, fixed, method, options, downsample, bar)
+            if len(extra):
+                sub = writer.overlap(len(extra), n_classes, map_size)
+                sub.write_array("coords", extra.coords)
+                _fill(sub, overlap_patches(patches.imgs, extra, batch_size), model, dev, fixed, method,
+                      options, downsample, bar)  # fmt: skip
+    return out
 
-    def read(start: int) -> torch.Tensor:
-        imgs = np.asarray(patches.imgs[start : start + batch_size])
-        return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255)
 
-    disable = None if progress is None else not progress
-    with ThreadPoolExecutor(1) as pool, tqdm(total=n, unit="patch", desc="saliency", disable=disable) as bar:
-        pending = pool.submit(read, starts[0]) if starts else None
-        for k, start in enumerate(starts):
-            x = pending.result().to(dev, non_blocking=True)
-            if k + 1 < len(starts):
-                pending = pool.submit(read, starts[k + 1])  # read ahead while computing
-            probs, target, maps = explain_batch(model, x, fixed, method, options)
+def _fill(writer: SaliencyWriter, batches: Iterator[np.ndarray], model: torch.nn.Module,
+          dev: torch.device, fixed: int | None, method: str, options: dict[str, Any], downsample: int,
+          bar: tqdm) -> None:  # fmt: skip
+    """Explain the (B, P, P, 3) uint8 ``batches`` in order (the next read while one is computed)."""
+
+    def read() -> torch.Tensor | None:
+        imgs = next(batches, None)
+        return None if imgs is None else torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div_(255)
+
+    start = 0
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read)
+        while (x := pending.result()) is not None:
+            pending = pool.submit(read)  # read ahead while computing
+            x = x.to(dev, non_blocking=True)
+            probs, target, maps, signed = explain_batch(model, x, fixed, method, options)
             if downsample > 1:
                 maps = F.avg_pool2d(maps[:, None], downsample)[:, 0]
-            writer.write(start, maps.cpu().numpy(), probs.cpu().numpy(), target.cpu().numpy())
+                signed = F.avg_pool2d(signed[:, None], downsample)[:, 0]
+            writer.write(start, maps.cpu().numpy(), probs.cpu().numpy(), target.cpu().numpy(),
+                         signed=signed.cpu().numpy())  # fmt: skip
+            start += len(x)
             bar.update(len(x))
