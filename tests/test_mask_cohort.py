@@ -81,6 +81,9 @@ def test_unpaired_files_and_bad_settings_are_errors(tmp_path: Path) -> None:
         build_mask_cohort(
             images, masks, tmp_path / "o", CLASSES, positive="tumour", mpp=1.0, ignore={3}, test=1
         )
+    Image.open(images / "00.png").save(images / "00.jpg")
+    with pytest.raises(WsiScaatError, match="img: two files named 00: 00.jpg, 00.png"):
+        build_mask_cohort(images, masks, tmp_path / "o", CLASSES, positive="tumour", mpp=1.0)
     with pytest.raises(WsiScaatError, match="nowhere: folder not found"):
         build_mask_cohort(tmp_path / "nowhere", masks, tmp_path / "o", CLASSES, positive="tumour", mpp=1.0)
     with pytest.raises(ValueError, match="positive class 'lesion'"):

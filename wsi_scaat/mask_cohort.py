@@ -30,7 +30,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 def _files(folder: Path, suffixes: set[str]) -> dict[str, Path]:
     if not folder.is_dir():
         raise WsiScaatError(folder, "folder not found")
-    files = {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in suffixes and p.is_file()}
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in suffixes and path.is_file():
+            if path.stem in files:
+                raise WsiScaatError(
+                    folder, f"two files named {path.stem}: {files[path.stem].name}, {path.name}"
+                )
+            files[path.stem] = path
     if not files:
         raise WsiScaatError(folder, f"no image files ({', '.join(sorted(suffixes))})")
     return files
