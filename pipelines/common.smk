@@ -118,7 +118,7 @@ def get_tile_args(wildcards):
         "--label-threshold", t.label_threshold, "--region-size", t.region_size,
         "--thumbnail-mpp", CFG.tissue.thumbnail_mpp, "--tissue-min-area-um2", CFG.tissue.min_area_um2,
         "--tissue-min-saturation", CFG.tissue.min_saturation, "--tissue-closing-um", CFG.tissue.closing_um,
-        "--tissue-max-hole-um2", CFG.tissue.max_hole_um2,
+        "--tissue-max-hole-um2", CFG.tissue.max_hole_um2, "--annotation-class", t.annotation_class,
     ]
     if entry.annotations is not None:
         args += ["--annotations", entry.annotations]

@@ -23,7 +23,15 @@ def _subcommands() -> list[str]:
 def test_every_subcommand_has_help() -> None:
     assert runner.invoke(app, ["--help"]).exit_code == 0
     names = _subcommands()
-    assert {"synth", "tile", "check-config", "info", "outputs"} <= set(names)
+    assert {
+        "synth",
+        "tile",
+        "check-config",
+        "info",
+        "outputs",
+        "masks-to-geojson",
+        "manifest-from-masks",
+    } <= set(names)
     for name in names:
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, name
@@ -116,7 +124,7 @@ def test_cli_defaults_are_the_config_defaults(name: str) -> None:
         expected = section.model_fields[field].get_default(call_default_factory=True)
         assert default == expected, f"{name} --{option.replace('_', '-')}: {default!r} != {expected!r}"
         compared.append(option)
-    assert len(compared) == {"synth": 6, "tile": 13, "saliency": 6, "stitch": 7, "export": 10}[name], compared
+    assert len(compared) == {"synth": 6, "tile": 14, "saliency": 6, "stitch": 7, "export": 10}[name], compared
 
 
 def test_shipped_review_settings_are_the_defaults() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -101,6 +102,40 @@ def test_store_errors_name_the_store(tmp_path, two_stores):
     big = write_store(tmp_path / "big.h5", random_imgs(2, 24, 3), [0, 1])
     with pytest.raises(StoreError, match="big.h5.*patch size 24 differs from 16"):
         PatchDataset([two_stores[0][0], big])
+
+
+def test_ignore_band_leaves_out_mixed_patches(tmp_path):
+    imgs = random_imgs(6, 16, 4)
+    fraction = np.array([0.0, 0.2, 0.5, 0.8, 1.0, 0.79], np.float32)
+    path = write_store(tmp_path / "mixed.h5", imgs, (fraction >= 0.5).astype(int))
+    with h5py.File(path, "a") as f:
+        f.create_dataset("lesion_fraction", data=fraction)
+    ds = PatchDataset([path], transform=None, ignore_band=(0.2, 0.8))
+    np.testing.assert_array_equal(ds.patch_index, [0, 1, 3, 4])  # 0.2 and 0.8 are kept: strict band
+    np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1])
+    assert len(ds) == 4 and ds.n_ignored == 2
+    np.testing.assert_allclose(ds[2][0].permute(1, 2, 0).numpy() * 255, imgs[3], atol=1e-3)
+    assert len(PatchDataset([path])) == 6 and PatchDataset([path]).n_ignored == 0
+    unmarked = write_store(tmp_path / "nofrac.h5", imgs, [0] * 6)
+    with pytest.raises(StoreError, match="nofrac.h5.*no 'lesion_fraction'.*ignore_band: null"):
+        PatchDataset([unmarked], ignore_band=(0.2, 0.8))
+
+
+def test_ignore_band_config_and_cohort(cohort):
+    from wsi_scaat.config import TrainConfig
+
+    assert TrainConfig().ignore_band is None and TrainConfig(ignore_band=[0.3, 0.7]).ignore_band == (0.3, 0.7)
+    for bad in ([0.8, 0.2], [0.5, 0.5], [-0.1, 0.5], [0.2]):
+        with pytest.raises(ValueError, match="ignore_band"):
+            TrainConfig(ignore_band=bad)
+    stores = sorted(cohort[1].glob("*.h5"))
+    fraction = []
+    for path in stores:
+        with h5py.File(path, "r") as f:
+            fraction.append(f["lesion_fraction"][:])
+    fraction = np.concatenate(fraction)
+    band = PatchDataset(stores, ignore_band=(0.1, 0.9))
+    assert len(band) == int(((fraction <= 0.1) | (fraction >= 0.9)).sum()) and band.n_ignored > 0
 
 
 def test_empty_split_and_store_handles(two_stores):

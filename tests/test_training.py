@@ -127,3 +127,15 @@ def test_training_needs_only_train_and_val_stores(tiny_cohort: dict, tmp_path: P
     cfg = validate_config({**tiny_cohort, "results_dir": str(results),
                            "train": {**tiny_cohort["train"], "epochs": 1}})  # fmt: skip
     assert fit(cfg, "erm", tmp_path / "m", log=_quiet)["epochs"] == 1
+
+
+def test_ignore_band_applies_to_training_only(tiny_cohort: dict) -> None:
+    """train.ignore_band thins the training patches; validation keeps every patch."""
+    from wsi_scaat.training.trainer import build_job
+
+    plain = build_job(_cfg(tiny_cohort), "erm")
+    band = build_job(_cfg(tiny_cohort, ignore_band=[0.05, 0.95]), "erm")
+    total = band.train_loader.dataset.n_ignored + len(band.train_loader.dataset)
+    assert total == len(plain.train_loader.dataset) and band.meta["n_ignored"] > 0
+    assert len(band.val_loader.dataset) == len(plain.val_loader.dataset) == plain.meta["n_val"]
+    assert "n_ignored" not in plain.meta

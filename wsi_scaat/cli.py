@@ -191,6 +191,9 @@ def tile(
     label_threshold: Annotated[
         float, typer.Option(min=0.0, max=1.0, help=_h(TilingConfig, "label_threshold"))
     ] = _d(TilingConfig, "label_threshold"),
+    annotation_class: Annotated[str, typer.Option(help=_h(TilingConfig, "annotation_class"))] = _d(
+        TilingConfig, "annotation_class"
+    ),
     workers: Annotated[int, typer.Option(min=0, help="Reader threads (0: all available cores).")] = 0,
     region_size: Annotated[int, typer.Option(min=256, help=_h(TilingConfig, "region_size"))] = _d(
         TilingConfig, "region_size"
@@ -212,6 +215,7 @@ def tile(
         compression=compression.value,
         thumbnail_mpp=thumbnail_mpp,
         label_threshold=label_threshold,
+        annotation_class=annotation_class,
         workers=workers,
         region_size=region_size,
         tissue=TissueConfig(
@@ -479,6 +483,64 @@ def evaluate(
     if report and (skip_models or not model):
         for kind, path in write_report(cfg, out, cfg.models).items():
             typer.echo(f"{kind}: {path}")
+
+
+@app.command("masks-to-geojson")
+@one_line_errors
+def masks_to_geojson(
+    mask: Annotated[
+        Path, typer.Argument(help="Label image: palette or single-channel PNG/TIFF, one value per pixel.")
+    ],
+    out: Annotated[Path, typer.Option(help="GeoJSON file to write (QuPath annotations).")],
+    classes: Annotated[
+        str, typer.Option(help="Label values and class names, e.g. 0=tumour,1=stroma,2=normal.")
+    ],
+    ignore: Annotated[
+        list[str] | None, typer.Option(help="Label values to leave out, e.g. background (repeatable or 3,4).")
+    ] = None,
+    downsample: Annotated[float, typer.Option(help="Level-0 slide pixels per mask pixel.")] = 1.0,
+) -> None:
+    """Turn a label image into QuPath annotations: one feature per connected region, in level-0 pixels."""
+    from wsi_scaat.annotations_from_masks import masks_to_geojson as convert
+    from wsi_scaat.annotations_from_masks import parse_classes, parse_values
+
+    counts = convert(mask, out, parse_classes(classes), parse_values(ignore), downsample)
+    regions = ", ".join(f"{name} {n}" for name, n in counts.items())
+    typer.echo(f"{out}: {sum(counts.values())} regions ({regions})")
+
+
+@app.command("manifest-from-masks")
+@one_line_errors
+def manifest_from_masks(
+    images: Annotated[Path, typer.Argument(help="Folder of images (PNG, JPEG, TIFF), one slide each.")],
+    masks: Annotated[Path, typer.Argument(help="Folder of label images with the images' file names.")],
+    out: Annotated[Path, typer.Option(help="Cohort folder: manifest.csv and annotations/<id>.geojson.")],
+    classes: Annotated[
+        str, typer.Option(help="Label values and class names, e.g. 0=tumour,1=stroma,2=normal.")
+    ],
+    positive: Annotated[str, typer.Option(help="Class that makes an image's slide label 1.")],
+    mpp: Annotated[float, typer.Option(help="Level-0 microns per pixel of the images.")],
+    ignore: Annotated[
+        list[str] | None, typer.Option(help="Label values to leave out, e.g. background (repeatable or 3,4).")
+    ] = None,
+    test: Annotated[int, typer.Option(min=0, help="Images held out for testing.")] = 20,
+    val: Annotated[int, typer.Option(min=0, help="Images for validation (checkpoint selection).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the split (stratified by slide label).")] = 0,
+    downsample: Annotated[float, typer.Option(help="Level-0 image pixels per mask pixel.")] = 1.0,
+) -> None:
+    """Build a cohort from images with label masks: annotations, a seeded split by image, the manifest.
+
+    Files are rewritten only when their content changes.
+    """
+    from wsi_scaat.annotations_from_masks import parse_classes, parse_values
+    from wsi_scaat.mask_cohort import build_mask_cohort
+
+    manifest, counts = build_mask_cohort(
+        images, masks, out, parse_classes(classes), positive=positive, mpp=mpp, ignore=parse_values(ignore),
+        test=test, val=val, seed=seed, downsample=downsample,
+    )  # fmt: skip
+    split = ", ".join(f"{n} {name}" for name, n in counts.items())
+    typer.echo(f"{manifest}: {sum(counts.values())} images ({split})")
 
 
 @app.command("resolve-config")

@@ -39,6 +39,11 @@ class TrainConfig(Section):
     class_names: tuple[str, ...] = Field(("normal", "lesion"), min_length=2)
     label_source: Literal["store", "slide"] = "store"
     balance_classes: bool = True
+    ignore_band: tuple[float, float] | None = Field(
+        None,
+        description="patches whose lesion fraction f has low < f < high are left out of training "
+        "(not of validation or evaluation); null: every patch",
+    )
     epochs: int = Field(10, ge=1, le=10000)
     batch_size: int = Field(64, ge=1, le=65536)
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -79,6 +84,13 @@ class TrainConfig(Section):
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("each method at most once")
+        return v
+
+    @field_validator("ignore_band")
+    @classmethod
+    def _band(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0.0 <= v[0] < v[1] <= 1.0:
+            raise ValueError("must be [low, high] with 0 <= low < high <= 1")
         return v
 
     @model_validator(mode="after")

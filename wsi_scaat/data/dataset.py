@@ -69,7 +69,9 @@ class PatchDataset(Dataset):
     slide's label from ``slide_labels``. ``transform`` maps a (P, P, 3) uint8 patch to another one;
     if it has ``reseed(seed)`` (see ``build_augment``), loaders use it to make augmentation reproducible.
     An item may also be fetched as ``dataset[(i, seed)]``: the transform is re-seeded from ``seed``
-    first (what a keyed :class:`EpochSampler` yields).
+    first (what a keyed :class:`EpochSampler` yields). ``ignore_band=(low, high)`` leaves out the
+    patches whose stored ``lesion_fraction`` f has ``low < f < high`` (mixed patches, whose label is
+    ambiguous; ``n_ignored`` counts them).
     """
 
     keyed_items: bool = True  # accepts (index, sample seed) items
@@ -82,6 +84,7 @@ class PatchDataset(Dataset):
         slide_labels: Sequence[int | None] | None = None,
         transform: Callable[[np.ndarray], np.ndarray] | None = None,
         max_open: int = 128,
+        ignore_band: tuple[float, float] | None = None,
     ) -> None:
         self.paths = [Path(p) for p in stores]
         if label_source not in ("store", "slide"):
@@ -94,11 +97,14 @@ class PatchDataset(Dataset):
         self.label_source, self.transform, self.max_open = label_source, transform, max(1, max_open)
         sizes: list[int] = []
         labels: list[np.ndarray] = [np.zeros(0, np.int64)]
+        kept: list[np.ndarray] = [np.zeros(0, np.int64)]
+        totals: list[int] = []
         patch_size: int | None = None
         self.store_attrs: dict[str, Any] = {}
         for k, path in enumerate(self.paths):
             with open_store(path) as store:
                 n, size = len(store), int(store.imgs.shape[1])
+                totals.append(n)
                 if patch_size is None:
                     patch_size, self.store_attrs = size, dict(store.attrs)
                 elif size != patch_size:
@@ -115,14 +121,17 @@ class PatchDataset(Dataset):
                     if slide_labels[k] is None:  # type: ignore[index]
                         raise StoreError(path, "slide has no label (label_source='slide')")
                     lab = np.full(n, int(slide_labels[k]), dtype=np.int64)  # type: ignore[index, arg-type]
-            sizes.append(n)
-            labels.append(lab)
+                keep = np.arange(n, dtype=np.int64)
+                if ignore_band is not None:
+                    keep = keep[~_in_band(store, path, n, ignore_band)]
+            sizes.append(len(keep))
+            labels.append(lab[keep])
+            kept.append(keep)
         self.patch_size: int | None = patch_size
         self.labels: np.ndarray = np.concatenate(labels)
         self.store_index: np.ndarray = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-        self.patch_index: np.ndarray = np.concatenate(
-            [np.zeros(0, np.int64)] + [np.arange(n, dtype=np.int64) for n in sizes]
-        )
+        self.patch_index: np.ndarray = np.concatenate(kept)
+        self.n_ignored: int = sum(totals) - len(self.labels)
         self._handles: OrderedDict[int, PatchStore] = OrderedDict()
         self._pid: int | None = None
 
@@ -176,6 +185,20 @@ class PatchDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_handles": OrderedDict(), "_pid": None}
+
+
+def _in_band(store: PatchStore, path: Path, n: int, band: tuple[float, float]) -> np.ndarray:
+    """Patches of ``store`` whose lesion fraction lies strictly inside ``band``."""
+    low, high = band
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"ignore band must have 0 <= low < high <= 1, got {band}")
+    if "lesion_fraction" not in store:
+        raise StoreError(path, "has no 'lesion_fraction' array for the ignore band (tile with annotations, "
+                               "or set train.ignore_band: null)")  # fmt: skip
+    fraction = store.array("lesion_fraction").astype(np.float32).reshape(-1)
+    if len(fraction) != n:
+        raise StoreError(path, f"'lesion_fraction' has {len(fraction)} entries for {n} patches")
+    return (fraction > np.float32(low)) & (fraction < np.float32(high))  # bounds as stored: float32
 
 
 def cohort_stores(

@@ -1,4 +1,5 @@
-"""One reader interface over OpenSlide, with tiatoolbox's WSIReader as fallback.
+"""One reader interface over OpenSlide, with tiatoolbox's WSIReader and a plain-image reader (PNG,
+JPEG, :mod:`~wsi_scaat.slides.image_backend`) as fallbacks.
 
 Locations are always level-0 pixels ``(x, y)``; sizes are output pixels ``(width, height)``
 at the level read. The base class owns level choice, thumbnails and microns-per-pixel;
@@ -147,17 +148,19 @@ def _check_file(path: Path) -> None:
 
 
 def open_slide(path: str | Path, mpp_override: float | None = None) -> SlideReader:
-    """Open a slide with OpenSlide, falling back to tiatoolbox; raise ``SlideOpenError`` if neither can.
+    """Open a slide with OpenSlide, falling back to tiatoolbox, then to a plain-image reader (PNG,
+    JPEG); raise ``SlideOpenError`` if none can.
 
     ``mpp_override`` replaces the level-0 microns-per-pixel of the metadata.
     """
+    from wsi_scaat.slides.image_backend import ImageReader
     from wsi_scaat.slides.openslide_backend import OpenSlideReader
     from wsi_scaat.slides.tiatoolbox_backend import TiatoolboxReader
 
     path = Path(path)
     _check_file(path)
     causes = []
-    for backend in (OpenSlideReader, TiatoolboxReader):
+    for backend in (OpenSlideReader, TiatoolboxReader, ImageReader):
         try:
             reader = backend(path)
         except SlideOpenError:

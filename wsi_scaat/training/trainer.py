@@ -122,6 +122,7 @@ def build_job(
         return PatchDataset(
             [p for p, _ in entries], label_source=tc.label_source, slide_labels=[lab for _, lab in entries],
             transform=build_augment(tc.augment, train=train, seed=tc.seed), max_open=tc.max_open_stores,
+            ignore_band=tc.ignore_band if train else None,
         )  # fmt: skip
 
     train_ds, val_ds = dataset("train", True), dataset("val", False)
@@ -150,6 +151,8 @@ def build_job(
     meta = {"patch_size": int(train_ds.patch_size),
             "patch_mpp": float(with_attrs.get("patch_mpp", cfg.tiling.target_mpp)),
             "n_train": len(train_ds), "n_val": len(val_ds)}  # fmt: skip
+    if tc.ignore_band is not None:
+        meta["n_ignored"] = int(train_ds.n_ignored)
     return TrainJob(cfg, method_name, model, method, train_loader, val_loader, optimizer, scheduler,
                     scaler, rt, meta, show_progress, dist)  # fmt: skip
 
@@ -181,7 +184,8 @@ def fit(
             log, show_progress = _silent, False
         job = build_job(cfg, method_name, show_progress, dist)
         procs = f", {dist.world_size} processes ({dist.backend or 'DDP'})" if dist.enabled else ""
-        log(f"training {method_name} on {job.rt.device}{procs} ({job.meta['n_train']} train / "
+        ignored = f", {job.meta['n_ignored']} mixed left out" if "n_ignored" in job.meta else ""
+        log(f"training {method_name} on {job.rt.device}{procs} ({job.meta['n_train']} train{ignored} / "
             f"{job.meta['n_val']} val patches, {cfg.train.model.name}, {cfg.train.epochs} epochs, "
             f"batch {cfg.train.batch_size})")  # fmt: skip
         summary = run_epochs(job, Path(out_dir), resume=resume, stop_after=stop_after, log=log)
