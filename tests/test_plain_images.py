@@ -207,7 +207,9 @@ def test_workflow_on_png_crops(png_cohort: Path, tmp_path: Path) -> None:
         assert heat["0"].shape == (math.ceil(640 / hd), math.ceil(768 / hd))
         export = res / "export" / "erm"
         with tifffile.TiffFile(export / f"{sid}.heatmap.ome.tif") as tif:
-            assert tif.series[0].shape[-2:] == (640, 768)
+            series = tif.series[0]
+            dims = dict(zip(series.axes, series.shape))
+            assert (dims["Y"], dims["X"]) == (640, 768)
         for kind in ("tiles.geojson", "regions.geojson", "overlay.png", "thumbnail.png", "figure.png"):
             assert (export / f"{sid}.{kind}").stat().st_size > 0, kind
         with Image.open(export / f"{sid}.overlay.png") as overlay:

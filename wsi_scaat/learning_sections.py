@@ -24,7 +24,7 @@ class ModelConfig(Section):
     width: int = Field(32, ge=4, le=1024, description="base channels of small_cnn")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout before small_cnn's linear head")
     downsample: Literal["stride", "blur", "avgpool"] = Field(
-        "stride",
+        "blur",
         description="how small_cnn halves the resolution: stride-2 convolutions (their input gradients "
         "alias onto the pixel grid), blur then stride (anti-aliased), or average pooling",
     )

@@ -218,14 +218,19 @@ class EvaluateConfig(Section):
         description="annotation classes whose union is tissue for localisation (e.g. tumour, stroma, "
         "normal); null: the tiling's tissue mask",
     )
+    ignore_band: tuple[float, float] | None = Field(
+        None,
+        description="classification figures leave out patches with low < lesion fraction < high "
+        "(ambiguous labels; as train.ignore_band); null: every patch",
+    )
     randomisation: bool = Field(True, description="model-randomisation sanity check (Adebayo et al., 2018)")
     road: bool = Field(True, description="ROAD (noisy linear imputation; the slowest faithfulness metric)")
     reconstruction: bool = Field(True, description="reconstruction check (donor fill)")
 
-    @field_validator("mixed_fraction")
+    @field_validator("mixed_fraction", "ignore_band")
     @classmethod
-    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 <= v[0] < v[1] <= 1:
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] < v[1] <= 1:
             raise ValueError("two fractions 0 <= low < high <= 1")
         return v
 

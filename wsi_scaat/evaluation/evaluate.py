@@ -4,7 +4,9 @@ For every slide of the splits in ``evaluate.splits`` it reads the patch store (l
 fraction, pixels), the model's saliency store (class probabilities, the maps the workflow exported)
 and the stitched heatmap, and measures:
 
-- classification: patch accuracy and AUROC of the stored probabilities against the store's labels;
+- classification: patch accuracy and AUROC of the stored probabilities against the store's labels,
+  on every patch or, with ``evaluate.ignore_band``, on those whose lesion fraction lies outside it
+  (mixed patches have ambiguous labels; they still count for localisation);
 - complexity, on every patch: Gini sparseness and entropy of the saliency map, Gini also on the
   2 x 2-pooled map; grid artefacts: the odd/even row and column mass balance and the Nyquist energy
   (:mod:`wsi_scaat.metrics.aliasing`);
@@ -195,6 +197,15 @@ def _finite(x: float) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _classified(lesion_fraction: np.ndarray, band: tuple[float, float] | None) -> np.ndarray:
+    """Patches scored for classification: all, or those whose lesion fraction is outside ``band``
+    (``low < fraction < high``: a label that a threshold of one half makes ambiguous)."""
+    lf = np.asarray(lesion_fraction, np.float64)
+    if band is None:
+        return np.ones(len(lf), bool)
+    return ~((lf > band[0]) & (lf < band[1]))
+
+
 def _tissue_region(cfg: Config, annotations: Path | None) -> LesionRegion | None:
     """The ground truth's tissue (union of ``evaluate.tissue_classes``), or None: use the tissue mask."""
     classes = cfg.evaluate.tissue_classes
@@ -252,7 +263,7 @@ def evaluate_model(
     lesion = cfg.tiling.annotation_class
     lesion_class = class_names.index(lesion) if lesion in class_names else len(class_names) - 1
     rows: dict[str, dict[tuple[str, int], float]] = {m: {} for m in PATCH_METRICS}
-    labels_all, probs_all, targets, eligible = [], [], [], []
+    labels_all, probs_all, clean_all, targets, eligible = [], [], [], [], []
     hist_pos, hist_neg = np.zeros(BINS, np.int64), np.zeros(BINS, np.int64)
     slide_hists = np.zeros((len(slides), 2, 2 * HIST_BINS))  # [heatmap, probability] x [pos | neg]
     value_hists = {v: np.zeros((len(slides), 2 * HIST_BINS)) for v in VALUES}  # each stitch.value's map
@@ -275,12 +286,15 @@ def evaluate_model(
         probs = sal.array("probs")
         if len(probs) != len(labels):
             raise EvaluationError(s.saliency, f"{len(probs)} patches but the patch store has {len(labels)}")
+        clean = _classified(lf, ec.ignore_band)  # patches whose label is not ambiguous
         labels_all.append(labels)
         probs_all.append(probs)
+        clean_all.append(clean)
         targets.append(sal.array("target"))
         eligible.append(targets[-1] == labels)  # faithfulness: maps of the patch's true class
         keys_all = [(s.slide_id, i) for i in range(len(labels))]
-        rows["correct"].update(zip(keys_all, (probs.argmax(1) == labels).astype(float).tolist(), strict=True))
+        correct = np.where(clean, (probs.argmax(1) == labels).astype(float), np.nan)
+        rows["correct"].update(zip(keys_all, correct.tolist(), strict=True))
         maps, m = sal.maps, int(sal.attrs["map_size"])
         for a in range(0, len(labels), READ_BATCH):
             b = min(a + READ_BATCH, len(labels))
@@ -318,14 +332,14 @@ def evaluate_model(
                 value_pooled[value][1] += vn
                 value_hists[value][k] = np.concatenate([_coarse(vp), _coarse(vn)])
         p = probs[:, lesion_class].astype(np.float64)
-        slide_hists[k, 1] = histogram_aggregates(np.zeros(len(p), np.int64), p, labels == lesion_class, 1,
-                                                 HIST_BINS)[0]  # fmt: skip
+        slide_hists[k, 1] = histogram_aggregates(np.zeros(int(clean.sum()), np.int64), p[clean],
+                                                 labels[clean] == lesion_class, 1, HIST_BINS)[0]  # fmt: skip
         per_slide.append(
             {
                 "slide_id": s.slide_id,
                 "n_patches": len(labels),
                 "heatmap_auroc": _finite(slide_auc),
-                "accuracy": float((probs.argmax(1) == labels).mean()) if len(labels) else None,
+                "accuracy": float(np.nanmean(correct)) if clean.any() else None,
             }
         )
         log(f"{model}: {s.slide_id}: {len(labels)} patches, heatmap AUROC {slide_auc:.3f}")
@@ -376,14 +390,16 @@ def evaluate_model(
                     rows[name].update(zip(keys, v.detach().double().cpu().tolist(), strict=True))
         log(f"{model}: {s.slide_id}: faithfulness on {len(idx)} patches")
 
-    labels_cat = np.concatenate(labels_all)
-    probs_cat = np.concatenate(probs_all)
+    clean_cat = np.concatenate(clean_all)
+    labels_cat = np.concatenate(labels_all)[clean_cat]
+    probs_cat = np.concatenate(probs_all)[clean_cat]
     method, knobs = strength_label(cfg, model)
     run, seed = cfg.run_of(model)
     summary: dict[str, Any] = {
         "model": model, "run": run, "seed": seed, "method": method, "knobs": knobs, "checkpoint": str(ckpt),
         "saliency_method": cfg.saliency.method, "saliency_target": cfg.saliency.target,
-        "splits": list(ec.splits), "n_slides": len(slides), "n_patches": int(len(labels_cat)),
+        "splits": list(ec.splits), "n_slides": len(slides), "n_patches": int(len(clean_cat)),
+        "n_classified": int(clean_cat.sum()), "ignore_band": ec.ignore_band,
         "accuracy": float((probs_cat.argmax(1) == labels_cat).mean()) if len(labels_cat) else None,
         "auroc": _finite(auroc(probs_cat[:, lesion_class], labels_cat == lesion_class)),
         "heatmap_auroc": _finite(auroc_from_histograms(hist_pos, hist_neg)),

@@ -47,7 +47,18 @@ COLUMNS = (
     *((f"heatmap_auroc_{v}", f"slide AUROC: {v}", True, f"auroc:heatmap_{v}") for v in VALUES),
 )
 CSV_FIELDS = [
-    *("model", "run", "seed", "method", "knobs", "n_slides", "n_patches", "accuracy", "auroc"),
+    *(
+        "model",
+        "run",
+        "seed",
+        "method",
+        "knobs",
+        "n_slides",
+        "n_patches",
+        "n_classified",
+        "accuracy",
+        "auroc",
+    ),
     *("heatmap_auroc", "loc_pixels_total", "loc_lesion_pixels_total"),
     *(f"heatmap_auroc_{v}" for v in VALUES),
     *PATCH_METRICS,
@@ -205,7 +216,14 @@ def metrics_markdown(cfg: Config, rows: list[RunRow], summaries: list[dict[str, 
     lines += [
         "",
         f"Held-out slides: {first.get('n_slides')} (splits {', '.join(first.get('splits', []))}), "
-        f"{first.get('n_patches')} patches; saliency: {first.get('saliency_method')} of class "
+        f"{first.get('n_patches')} patches"
+        + (
+            f" (accuracy and AUROC on the {first.get('n_classified')} whose lesion fraction is outside "
+            f"{first['ignore_band'][0]:g}-{first['ignore_band'][1]:g}: mixed patches have ambiguous labels)"
+            if first.get("ignore_band")
+            else ""
+        )
+        + f"; saliency: {first.get('saliency_method')} of class "
         f"'{first.get('saliency_target')}'. Values: mean over the seeds of each run; [ ]: 95% bootstrap "
         f"interval ({ec.bootstrap} replicates resampling held-out slides, and each run's seeds; paired "
         f"differences resample the same slides for both runs). Complexity on every patch (n = {n['gini']}); "

@@ -62,7 +62,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, width: int = 32, dropout: float = 0.1, downsample: Downsample = "stride"
+        self, num_classes: int, width: int = 32, dropout: float = 0.1, downsample: Downsample = "blur"
     ) -> None:
         super().__init__()
         w = width
