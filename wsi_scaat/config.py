@@ -53,9 +53,16 @@ class TrainConfig(Section):
     )
     seed: int = 0
     num_workers: int = Field(0, ge=0, le=64)
-    amp: bool = True
-    channels_last: bool = True
-    deterministic: bool = True
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="mixed precision (autocast; bf16 needs no loss scaling). auto: bfloat16 where the device "
+        "computes it natively (CUDA with bf16, AVX512-BF16 or AMX CPUs), float16 with loss scaling on other "
+        "CUDA devices, float32 on other CPUs; true: also bfloat16 on other CPUs (slow); false: float32",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="model and batches in channels-last memory layout; auto: on CUDA and oneDNN CPUs"
+    )
+    deterministic: bool = Field(True, description="deterministic algorithms on CPU: same seed, same weights")
     gpus: int = Field(
         1, ge=1, le=64, description="processes (GPUs) per training job; > 1: the workflow runs torchrun (DDP)"
     )
