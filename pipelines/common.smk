@@ -148,7 +148,7 @@ def get_saliency_args(wildcards):
     """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
     s = CFG.saliency
     args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
-            "--batch-size", s.batch_size, "--device", s.device]
+            "--batch-size", s.batch_size, "--device", s.device, "--amp", str(s.amp).lower()]
     for key, value in sorted(s.options.items()):
         args += ["--option", f"{key}={value}"]
     return " ".join(shlex.quote(str(a)) for a in args)
