@@ -9,15 +9,19 @@ One run measures, on this machine:
    demo's ``small_cnn`` (width 32), batch 64, at 48 and 64 px, in three settings: float32 NCHW
    (what CPU training did before ``train.amp`` / ``train.channels_last: auto``), float32
    channels-last, and bfloat16 autocast + channels-last (what ``auto`` picks on a CPU with
-   AVX512-BF16 or AMX). Settings take turns over rounds; medians of the rounds count.
+   AVX512-BF16 or AMX). Settings take turns over rounds; medians of the rounds count. Measured
+   twice: with one torch thread (CPU time per step: the compute cost, which other load on the
+   machine does not change) and with the default thread count (wall and CPU time: what a run sees
+   here, under whatever else runs); and at 48 px with 2 threads pinned to one core (CPU time), as when
+   other jobs hold the cores.
 2. **the saliency stage** ``run_saliency`` (gradient maps, batch 128) with ``amp`` false and true on
-   the same patch store, taking turns; the median of each counts.
+   the same patch store, taking turns; the median of each counts (default threads).
 3. **quality**: ERM and SCAAT trained by ``wsi_scaat.training.trainer.fit`` with ``--seeds`` seeds in
    each precision (``train.amp``/``channels_last`` false, and true) on a small synthetic cohort
-   (generated once into the benchmark cache), then on its held-out slide(s): patch accuracy, and
-   for the gradient maps of the lesion class Gini sparseness, relevance mass accuracy and pixel
-   AUROC against the lesion annotations (patches holding lesion) and deletion AUC (lesion patches,
-   blur baseline). Maps come from float32 saliency (the training precision alone) and, for the
+   (generated once into the benchmark cache; one torch thread), then on its held-out slide(s): patch
+   accuracy, and for the gradient maps of the lesion class Gini sparseness, relevance mass accuracy
+   and pixel AUROC against the lesion annotations (patches holding lesion) and deletion AUC (lesion
+   patches, blur baseline). Maps come from float32 saliency (the training precision alone) and, for the
    bf16-trained models, from bfloat16 saliency too (the new defaults end to end). Per precision:
    mean, standard deviation and range over the seeds, and whether the bf16 mean lies within the
    float32 seeds' range.
@@ -33,9 +37,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -92,10 +99,13 @@ last_report: str | None = None
 
 
 def step_times(
-    sizes: tuple[int, ...], batch: int, rounds: int, steps: int, warmup: int
-) -> dict[tuple, list[float]]:
-    """Per-round mean seconds of one training step, keyed (size, method, setting)."""
+    sizes: tuple[int, ...], batch: int, rounds: int, steps: int, warmup: int, threads: int
+) -> dict[tuple, dict[str, float]]:
+    """Median over rounds of one training step's wall and CPU seconds with ``threads`` torch threads,
+    keyed (size, method, setting)."""
     train = argparse.Namespace(scaat=ScaatConfig(warmup_epochs=0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     cases = []
     for size in sizes:
         g = torch.Generator().manual_seed(size)
@@ -118,40 +128,65 @@ def step_times(
         out.loss.backward()
         opt.step()
 
-    for _, args in cases:
-        for _ in range(warmup):
-            step(*args)
-    times: dict[tuple, list[float]] = {key: [] for key, _ in cases}
-    for _ in range(rounds):
-        for key, args in cases:
-            t0 = time.perf_counter()
-            for _ in range(steps):
+    try:
+        for _, args in cases:
+            for _ in range(warmup):
                 step(*args)
-            times[key].append((time.perf_counter() - t0) / steps)
-    return times
+        times: dict[tuple, dict[str, list[float]]] = {key: {"wall": [], "cpu": []} for key, _ in cases}
+        for _ in range(rounds):  # settings take turns, so that other load hits them alike
+            for key, args in cases:
+                w0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(steps):
+                    step(*args)
+                times[key]["wall"].append((time.perf_counter() - w0) / steps)
+                times[key]["cpu"].append((time.process_time() - c0) / steps)
+    finally:
+        torch.set_num_threads(before)
+    return {key: {k: statistics.median(v) for k, v in t.items()} for key, t in times.items()}
+
+
+def oversubscribed_times(rounds: int, steps: int, warmup: int) -> dict[tuple, dict[str, float]] | None:
+    """:func:`step_times` at 48 px with 2 torch threads on one core (a child process pinned to it), as
+    when other jobs hold the cores; None where the platform cannot pin."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cmd = [sys.executable, __file__, "--pinned", json.dumps([rounds, steps, warmup])]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"pinned step timing failed:\n{done.stderr}")
+    return {tuple(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _pinned(rounds: int, steps: int, warmup: int) -> None:
+    """The child of :func:`oversubscribed_times`: pin to one core before torch starts its threads."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    times = step_times((48,), 64, rounds, steps, warmup, threads=2)
+    print(json.dumps([[list(k), v] for k, v in times.items()]))
 
 
 # --- 2. saliency stage ---------------------------------------------------------------------------
 
 
 def saliency_times(work: Path, size: int, repeat: int) -> dict[str, Any]:
-    """Median seconds of ``run_saliency`` with amp false and true on one store, taking turns."""
+    """Median wall and CPU seconds of ``run_saliency`` with amp false and true on one store, taking turns."""
     store = tile_slide(
         bench_slide(size), work / "tiles", TileParams(patch_size=48, target_mpp=1.0), progress=False
     )
     ckpt = make_checkpoint(work / "model.pt", 48, 32)
     with open_store(store) as s:
         n = len(s)
-    runs: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    runs: dict[str, dict[str, list[float]]] = {p: {"wall": [], "cpu": []} for p in ("fp32", "bf16")}
     for k in range(repeat + 1):  # the first turn warms up
         for label, amp in (("fp32", False), ("bf16", True)):
-            t0 = time.perf_counter()
+            w0, c0 = time.perf_counter(), time.process_time()
             run_saliency(
                 ckpt, store, work / f"sal_{label}_{k}", device="cpu", amp=amp, batch_size=128, progress=False
             )
             if k:
-                runs[label].append(time.perf_counter() - t0)
-    return {"patches": n, **{label: statistics.median(t) for label, t in runs.items()}}
+                runs[label]["wall"].append(time.perf_counter() - w0)
+                runs[label]["cpu"].append(time.process_time() - c0)
+    medians = {label: {k: statistics.median(v) for k, v in t.items()} for label, t in runs.items()}
+    return {"patches": n, **medians}
 
 
 # --- 3. quality ----------------------------------------------------------------------------------
@@ -240,9 +275,10 @@ class HeldOut:
 
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman correlation per row of (B, ...) maps (ranks by stable sort; float maps rarely tie)."""
-    ra = a.flatten(1).double().argsort(1, stable=True).argsort(1).double()
-    rb = b.flatten(1).double().argsort(1, stable=True).argsort(1).double()
+    """Spearman correlation per map of two (B, ...) stacks (midranks: float16 maps have ties)."""
+    from scipy.stats import rankdata
+
+    ra, rb = (torch.from_numpy(rankdata(m.flatten(1).double().numpy(), axis=1)) for m in (a, b))
     ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
     return (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
 
@@ -251,6 +287,17 @@ def quality(seeds: int, epochs: int, n_slides: int, side: int, work: Path) -> di
     """Metrics per (method, precision, maps) and seed, and the bf16-vs-fp32 map agreement."""
     manifest, results = cohort(n_slides, side)
     held = HeldOut(manifest, results)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the comparison does not need speed; one thread is immune to other load
+    try:
+        return _quality(held, manifest, results, seeds, epochs, work)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _quality(
+    held: HeldOut, manifest: Path, results: Path, seeds: int, epochs: int, work: Path
+) -> dict[str, Any]:
     values: dict[tuple[str, str], list[dict[str, float]]] = {}
     agree: dict[str, list[torch.Tensor]] = {"rho_bf16": [], "gini_bf16": [], "rho_fp16": [], "gini_fp16": []}
     seconds: dict[tuple[str, str], float] = {}
@@ -330,20 +377,19 @@ def _fmt(v: Any, digits: int = 4) -> Any:
     return f"{v:.{digits}f}" if isinstance(v, float) and math.isfinite(v) else v
 
 
-def _step_table(steps: dict[tuple, list[float]]) -> str:
-    med = {k: statistics.median(v) for k, v in steps.items()}
+def _step_table(steps: dict[tuple, dict[str, float]], kind: str) -> str:
+    """ms per step of each setting (``kind``: wall or cpu), the speed-up and SCAAT's cost over ERM's."""
     rows = []
-    for size in sorted({k[0] for k in med}):
+    for size in sorted({k[0] for k in steps}):
+        t = {k[1:]: v[kind] for k, v in steps.items() if k[0] == size}
         for method in ("erm", "scaat"):
             row: dict[str, Any] = {"patch": f"{size} px", "method": method}
-            row |= {f"{label} ms": f"{1000 * med[(size, method, label)]:.0f}" for label in SETTINGS}
-            row["speed-up"] = f"{med[(size, method, 'fp32 NCHW')] / med[(size, method, CL)]:.2f}x"
-            row |= {f"scaat / erm, {label}": "" for label in ("fp32 NCHW", CL)}
+            row |= {f"{label} ms": f"{1000 * t[(method, label)]:.0f}" for label in SETTINGS}
+            row["fp32 NCHW / bf16+CL"] = f"{t[(method, 'fp32 NCHW')] / t[(method, CL)]:.2f}x"
+            for label in ("fp32 NCHW", CL):  # on the scaat row
+                ratio = t[("scaat", label)] / t[("erm", label)]
+                row[f"scaat / erm, {label}"] = f"{ratio:.2f}x" if method == "scaat" else ""
             rows.append(row)
-        for label in ("fp32 NCHW", CL):
-            rows[-1][f"scaat / erm, {label}"] = (
-                f"{med[(size, 'scaat', label)] / med[(size, 'erm', label)]:.2f}x"
-            )
     return table(rows, list(rows[0]))
 
 
@@ -361,53 +407,97 @@ def _agreement_table(a: dict[str, torch.Tensor]) -> str:
     return table(rows, list(rows[0]))
 
 
-def report(steps: dict[tuple, list[float]], sal: dict[str, Any], q: dict[str, Any], header: str) -> str:
+def report(
+    steps: dict[int, dict],
+    pinned: dict[tuple, dict] | None,
+    sal: dict[str, Any],
+    q: dict[str, Any],
+    header: str,
+) -> str:
     """The markdown section: settings, figures and the verdicts."""
     n, a, nn = sal["patches"], q["agree"], q["n"]
-    sal_rows = [
-        {"precision": p, "seconds": f"{sal[p]:.2f}", "patches/s": f"{n / sal[p]:,.0f}"}
-        for p in ("fp32", "bf16")
-    ]
+    (one, many), threads = sorted(steps), max(steps)
+    sal_rows = [{"precision": p, "wall s": f"{sal[p]['wall']:.2f}", "CPU s": f"{sal[p]['cpu']:.2f}",
+                 "patches/s": f"{n / sal[p]['wall']:,.0f}"} for p in ("fp32", "bf16")]  # fmt: skip
     secs = ", ".join(f"{m} {p} {s / q['seeds']:.0f} s" for (m, p), s in q["train_seconds"].items())
     shown = [{k: _fmt(v) for k, v in r.items()} for r in quality_rows(q)]
     cols = ["method", "arm", "metric", "mean", "sd", "min", "max", "within fp32 range", "diff / fp32 sd"]
     return "\n".join([
         "## CPU precision: bfloat16 autocast and channels-last", "",
         f"Written by `benchmarks/bench_cpu_precision.py` (see its docstring). {header}", "",
-        "### Training step: ms per step of 64 patches (median of the rounds)", "", _step_table(steps), "",
-        "### Saliency stage: `run_saliency`, gradient maps, batch 128, 48 px", "",
+        "### Training step: CPU ms per step of 64 patches, one torch thread (median of the rounds)", "",
+        "CPU time per patch, what `train.amp` and `train.channels_last` are to halve; with one thread it "
+        "does not depend on what else runs on the machine.", "",
+        _step_table(steps[one], "cpu"), "",
+        f"### Training step: wall ms per step, {threads} torch threads (the default here, under its load)",
+        "",
+        _step_table(steps[many], "wall"), "",
+        f"CPU ms per step with {threads} threads (above the one-thread figures: time spent waiting in spin "
+        "loops, e.g. for a thread descheduled by other load):", "", _step_table(steps[many], "cpu"), "",
+        *_pinned_lines(pinned),
+        f"### Saliency stage: `run_saliency`, gradient maps, batch 128, 48 px, {threads} threads", "",
         table(sal_rows, list(sal_rows[0])), "",
-        f"{n:,} patches; bf16 throughput / fp32 throughput: {sal['fp32'] / sal['bf16']:.2f}x.", "",
+        f"{n:,} patches; fp32 wall / bf16 wall: {sal['fp32']['wall'] / sal['bf16']['wall']:.2f}x.", "",
         "### Maps: bfloat16 against float32 saliency, same models and patches", "", _agreement_table(a), "",
         f"Over {len(a['rho_bf16']):,} maps (every held-out patch, every model of the quality check).", "",
-        f"### Quality: {q['seeds']} seeds per method and precision, {q['epochs']} epochs", "",
+        f"### Quality: {q['seeds']} seeds per method and precision, {q['epochs']} epochs, one thread", "",
         f"Held-out: {nn['test']} patches ({nn['lesion']} holding lesion: relevance mass and pixel AUROC; "
         f"deletion AUC on {nn['faith']} lesion patches). Mean training time per run: {secs}.", "",
         table(shown, cols), "",
     ])  # fmt: skip
 
 
+def _pinned_lines(pinned: dict[tuple, dict] | None) -> list[str]:
+    if pinned is None:
+        return []
+    return [
+        "### Training step, oversubscribed: CPU ms per step, 2 torch threads pinned to one core", "",
+        "As when other jobs hold the cores. oneDNN's bfloat16 weight-gradient convolutions wait for their "
+        "threads in spin loops, so here bf16 costs far more CPU than float32; forward passes and input "
+        "gradients (the saliency stage, SCAAT's search passes) are not affected. Where torch has more "
+        "threads than free cores, set `train.amp: false` (or fewer threads).", "",
+        _step_table(pinned, "cpu"), "",
+    ]  # fmt: skip
+
+
 def verdict_rows(
-    steps: dict[tuple, list[float]], sal: dict[str, Any], q: dict[str, Any]
+    steps: dict[int, dict], pinned: dict[tuple, dict] | None, sal: dict[str, Any], q: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Rows for run_all's combined table."""
-    med = {k: statistics.median(v) for k, v in steps.items()}
     out: list[dict[str, Any]] = []
-    for size in sorted({k[0] for k in med}):
-        for method in ("erm", "scaat"):
-            base, fast = med[(size, method, "fp32 NCHW")], med[(size, method, CL)]
-            what = f"{method} step, bf16 + channels-last (small_cnn w32, batch 64, {size} px)"
-            ref = f"{1000 * base:,.0f} ms/step fp32 NCHW"
-            out.append({"measured": what, "figure": 1000 * fast, "unit": "ms/step", "reference": ref,
-                        "ratio": fast / base, "goal": "<= 0.5x", "goal_met": fast / base <= 0.5})  # fmt: skip
-        ratio = med[(size, "scaat", CL)] / med[(size, "erm", CL)]
-        what = f"scaat step / erm step, both bf16 + channels-last ({size} px)"
-        out.append({"measured": what, "figure": ratio, "unit": "x erm", "reference": "-", "goal": "-"})
-    n = sal["patches"]
+    for threads, kind in sorted((t, "cpu" if t == 1 else "wall") for t in steps):
+        t = steps[threads]
+        for size in sorted({k[0] for k in t}):
+            for method in ("erm", "scaat"):
+                base, fast = t[(size, method, "fp32 NCHW")][kind], t[(size, method, CL)][kind]
+                what = (
+                    f"{method} step, bf16 + channels-last, {threads} thread{'s' * (threads > 1)} {kind} time "
+                )
+                what += f"(small_cnn w32, batch 64, {size} px)"
+                row = {
+                    "measured": what,
+                    "figure": 1000 * fast,
+                    "unit": "ms/step",
+                    "reference": f"{1000 * base:,.0f} ms/step fp32 NCHW",
+                    "ratio": fast / base,
+                    "goal": "-",
+                }
+                if kind == "cpu":
+                    row |= {"goal": "<= 0.5x", "goal_met": fast / base <= 0.5}
+                out.append(row)  # fmt: skip
+            ratio = t[(size, "scaat", CL)][kind] / t[(size, "erm", CL)][kind]
+            what = f"scaat step / erm step, both bf16 + channels-last, {threads} thread(s) {kind} ({size} px)"
+            out.append({"measured": what, "figure": ratio, "unit": "x erm", "reference": "-", "goal": "-"})
+    if pinned is not None:
+        base, fast = pinned[(48, "erm", "fp32 NCHW")]["cpu"], pinned[(48, "erm", CL)]["cpu"]
+        what = "erm step, bf16 + channels-last, 2 threads pinned to one core, cpu time (48 px)"
+        out.append({"measured": what, "figure": 1000 * fast, "unit": "ms/step", "ratio": fast / base,
+                    "reference": f"{1000 * base:,.0f} ms/step fp32 NCHW", "goal": "-"})  # fmt: skip
+    n, fp32, bf16 = sal["patches"], sal["fp32"]["wall"], sal["bf16"]["wall"]
     what = f"saliency stage, bf16 ({n:,} patches 48 px, batch 128)"
-    out.append({"measured": what, "figure": n / sal["bf16"], "unit": "patches/s",
-                "reference": f"{n / sal['fp32']:,.0f} patches/s fp32",
-                "ratio": sal["fp32"] / sal["bf16"], "goal": "-"})  # fmt: skip
+    ref = f"{n / fp32:,.0f} patches/s fp32"
+    out.append({"measured": what, "figure": n / bf16, "unit": "patches/s", "reference": ref,
+                "ratio": fp32 / bf16, "goal": "-"})  # fmt: skip
     rho, rho16 = float(q["agree"]["rho_bf16"].mean()), float(q["agree"]["rho_fp16"].mean())
     out.append({"measured": "bf16 vs fp32 saliency maps: mean Spearman per map", "figure": rho, "unit": "rho",
                 "reference": f"{rho16:.4f} fp32 vs its float16 rounding", "goal": "-"})  # fmt: skip
@@ -428,11 +518,13 @@ def run(quick: bool = False, **kw: Any) -> list[dict[str, Any]]:
             "epochs": 5, "slides": 8, "side": 2048} | kw  # fmt: skip
     if quick:
         opts = {"sizes": (48,), "rounds": 1, "steps": 1, "warmup": 1, "slide": 1536, "repeat": 1, "seeds": 2,
-                "epochs": 1, "slides": 6, "side": 1024} | kw  # fmt: skip
+                "epochs": 2, "slides": 6, "side": 1024} | kw  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="bench_cpu_precision_"))
     load0, t0 = _load(), time.perf_counter()
     try:
-        steps = step_times(opts["sizes"], 64, opts["rounds"], opts["steps"], opts["warmup"])
+        timing = (opts["sizes"], 64, opts["rounds"], opts["steps"], opts["warmup"])
+        steps = {t: step_times(*timing, threads=t) for t in (1, max(2, torch.get_num_threads()))}
+        pinned = oversubscribed_times(*timing[2:])
         sal = saliency_times(work, opts["slide"], opts["repeat"])
         q = quality(opts["seeds"], opts["epochs"], opts["slides"], opts["side"], work)
     finally:
@@ -442,8 +534,8 @@ def run(quick: bool = False, **kw: Any) -> list[dict[str, Any]]:
     header = (f"Machine: {machine()}; bf16 on this CPU: {native}; torch threads {torch.get_num_threads()}; "
               f"{'quick' if quick else 'full'} run, {minutes:.1f} min; 1-min load average {load0:.1f} at the "
               f"start, {_load():.1f} at the end.")  # fmt: skip
-    last_report = report(steps, sal, q, header)
-    return verdict_rows(steps, sal, q)
+    last_report = report(steps, pinned, sal, q, header)
+    return verdict_rows(steps, pinned, sal, q)
 
 
 def _load() -> float:
@@ -454,12 +546,16 @@ def _load() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes, 2 seeds of 1 epoch (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 seeds of 2 epochs (a smoke run)")
     ap.add_argument("--seeds", type=int, help="seeds per method and precision (default 3)")
     ap.add_argument("--epochs", type=int, help="training epochs of the quality check (default 5)")
     ap.add_argument("--rounds", type=int, help="rounds of the step timing (default 5)")
     ap.add_argument("--doc", type=Path, help="markdown file whose cpu_precision section to write")
+    ap.add_argument("--pinned", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pinned:
+        _pinned(*json.loads(args.pinned))
+        return
     kw = {k: v for k, v in vars(args).items() if k in ("seeds", "epochs", "rounds") and v is not None}
     rows = run(args.quick, **kw)
     print(last_report)

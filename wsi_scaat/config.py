@@ -57,7 +57,8 @@ class TrainConfig(Section):
         "auto",
         description="mixed precision (autocast; bf16 needs no loss scaling). auto: bfloat16 where the device "
         "computes it natively (CUDA with bf16, AVX512-BF16 or AMX CPUs), float16 with loss scaling on other "
-        "CUDA devices, float32 on other CPUs; true: also bfloat16 on other CPUs (slow); false: float32",
+        "CUDA devices, float32 on other CPUs; true: also bfloat16 on other CPUs (slow); false: float32 "
+        "(on CPU, also where other jobs hold the cores: bf16 weight gradients spin-wait for threads)",
     )
     channels_last: bool | Literal["auto"] = Field(
         "auto", description="model and batches in channels-last memory layout; auto: on CUDA and oneDNN CPUs"
