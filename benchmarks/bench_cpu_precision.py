@@ -531,7 +531,11 @@ def run(quick: bool = False, **kw: Any) -> list[dict[str, Any]]:
         shutil.rmtree(work, ignore_errors=True)
     native = "native" if fast_bf16(torch.device("cpu")) else "NOT native (emulated)"
     minutes = (time.perf_counter() - t0) / 60
+    from run_all import revision
+
+    date = time.strftime("%Y-%m-%d %H:%M %Z")
     header = (f"Machine: {machine()}; bf16 on this CPU: {native}; torch threads {torch.get_num_threads()}; "
+              f"{date}, commit {revision()}; "
               f"{'quick' if quick else 'full'} run, {minutes:.1f} min; 1-min load average {load0:.1f} at the "
               f"start, {_load():.1f} at the end.")  # fmt: skip
     last_report = report(steps, pinned, sal, q, header)
