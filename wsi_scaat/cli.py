@@ -92,6 +92,21 @@ class Compression(str, Enum):
     none = "none"
 
 
+class Switch(str, Enum):
+    """A config field ``bool | "auto"`` on the command line."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+    @classmethod
+    def of(cls, value: bool | str) -> Switch:
+        return cls(str(value).lower())
+
+    def resolve(self) -> bool | str:
+        return {"auto": "auto", "true": True, "false": False}[self.value]
+
+
 @app.command()
 @one_line_errors
 def synth(
@@ -315,6 +330,9 @@ def saliency(
     overlap: Annotated[int, typer.Option(min=0, help=_h(SaliencyConfig, "overlap"))] = _d(
         SaliencyConfig, "overlap"
     ),
+    amp: Annotated[Switch, typer.Option(help=_h(SaliencyConfig, "amp"))] = Switch.of(
+        _d(SaliencyConfig, "amp")
+    ),
     option: Annotated[
         list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
     ] = None,
@@ -332,6 +350,7 @@ def saliency(
         map_downsample=map_downsample,
         batch_size=batch_size,
         device=device,
+        amp=amp.resolve(),
         options=_options(option),
         progress=progress,
         overlap=overlap,

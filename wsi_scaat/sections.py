@@ -101,6 +101,11 @@ class SaliencyConfig(Section):
     map_downsample: int = Field(1, ge=1, le=64, description="patch maps stored at patch_size / this")
     batch_size: int = Field(128, ge=1, le=65536, description="patches per batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="model passes under bfloat16 autocast, maps accumulated in float32; auto: where the "
+        "device computes bf16 natively (CUDA with bf16, AVX512-BF16 or AMX CPUs), gradient methods only",
+    )
     options: dict[str, float | int | str] = Field(
         default_factory=dict, description="method keyword arguments"
     )
