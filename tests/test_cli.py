@@ -116,7 +116,7 @@ def test_cli_defaults_are_the_config_defaults(name: str) -> None:
         expected = section.model_fields[field].get_default(call_default_factory=True)
         assert default == expected, f"{name} --{option.replace('_', '-')}: {default!r} != {expected!r}"
         compared.append(option)
-    assert len(compared) == {"synth": 6, "tile": 13, "saliency": 5, "stitch": 6, "export": 7}[name], compared
+    assert len(compared) == {"synth": 8, "tile": 13, "saliency": 5, "stitch": 6, "export": 7}[name], compared
 
 
 def test_shipped_review_settings_are_the_defaults() -> None:
