@@ -268,3 +268,19 @@ def test_cli_synth_hard_from_flags_and_config(tmp_path):
     assert result.exit_code == 0, result.output
     for rel in ("manifest.csv", "slides/synth_000.tiff", "slides/synth_001.tiff"):
         assert (out / rel).read_bytes() == (tmp_path / "cfg" / rel).read_bytes(), rel
+
+
+def test_hard_config_holds_out_enough_lesion_slides():
+    """configs/hard.yaml (on configs/demo.yaml): the hard preset, >= 8 held-out slides with lesions."""
+    from wsi_scaat.config import load_config
+    from wsi_scaat.synth.cohort import cohort_plan
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / "demo.yaml", root / "configs" / "hard.yaml")
+    s = cfg.synth
+    assert s is not None and s.difficulty == "hard"
+    labels, splits = cohort_plan(s.slides, s.seed, s.lesion_slide_fraction, s.split_fractions)
+    held_out = [lab for lab, split in zip(labels, splits, strict=True) if split in cfg.evaluate.splits]
+    assert sum(held_out) >= 8 and 0 in held_out
+    assert cfg.saliency.splits == cfg.evaluate.splits == ["test"]
+    assert {split for lab, split in zip(labels, splits, strict=True) if lab == 0} >= {"train", "test"}

@@ -240,6 +240,14 @@ def assign_splits(
     return labels.tolist(), splits
 
 
+def cohort_plan(
+    n_slides: int, seed: int, lesion_slide_fraction: float, split_fractions: Sequence[float]
+) -> tuple[list[int], list[str]]:
+    """Label and split of every slide of the cohort ``make_cohort`` writes with these settings."""
+    rng = np.random.default_rng(_seq(seed, 0xC047))
+    return assign_splits(n_slides, int(round(n_slides * lesion_slide_fraction)), split_fractions, rng)
+
+
 def make_cohort(
     out: Path,
     n_slides: int,
@@ -263,9 +271,7 @@ def make_cohort(
     if not 0 <= lesion_slide_fraction <= 1:
         raise ValueError(f"lesion_slide_fraction must be in [0, 1], got {lesion_slide_fraction}")
     out = Path(out)
-    rng = np.random.default_rng(_seq(seed, 0xC047))
-    n_lesion = int(round(n_slides * lesion_slide_fraction))
-    labels, splits = assign_splits(n_slides, n_lesion, split_fractions, rng)
+    labels, splits = cohort_plan(n_slides, seed, lesion_slide_fraction, split_fractions)
     digits = max(3, len(str(n_slides - 1)))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

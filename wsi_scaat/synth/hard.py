@@ -150,7 +150,7 @@ class HardPainter:
         self.block = max(8, int(round(BLOCK_UM / mpp)))
         self.block_rows, self.block_cols = -(-height // self.block), -(-width // self.block)
         self.cellularity = cellularity_field(r_cell, self.block_rows, self.block_cols)
-        self.atypia = float(r_atypia.uniform(0.6, 0.9))
+        self.atypia = float(r_atypia.uniform(0.5, 0.85))
         self.margin = int(math.ceil(_max_extent_um() / mpp)) + 3
         self.grain = (_noise(r_grain, GRAIN_PERIOD, 0.35 / mpp), _noise(r_grain, GRAIN_PERIOD, 0.8 / mpp))
         self.eosin, self.hema_bg = [], []

@@ -55,7 +55,7 @@ NORMAL_KINDS = (
 # Atypical (lesion) nuclei: large, pleomorphic, irregular and ragged, coarse or vesicular chromatin
 # with nucleoli. Their mean optical density is the area-weighted mean of the normal kinds' (0.79), so
 # that lesion and normal tissue hold the same hematoxylin per nuclear area.
-ATYPICAL = NucleusKind((4.2, 7.0), (1.0, 1.8), 0.16, 0.05, (0.70, 0.89), 0.35, True, 0.5, 0.45)
+ATYPICAL = NucleusKind((4.0, 6.5), (1.0, 1.8), 0.16, 0.05, (0.70, 0.89), 0.35, True, 0.5, 0.45)
 
 
 @dataclass(frozen=True)
