@@ -76,7 +76,7 @@ def _colour(imgs: np.ndarray) -> np.ndarray:
     return np.c_[imgs.reshape(len(imgs), -1, 3).mean(1) / 255, hed]
 
 
-def test_same_seed_same_bytes_and_strips_in_any_order(tmp_path):
+def test_same_seed_same_bytes_and_strips_and_chunks_in_any_order(tmp_path):
     a = make_slide(tmp_path / "a.tiff", 640, 512, 5, difficulty="hard")
     b = make_slide(tmp_path / "b.tiff", 640, 512, 5, difficulty="hard")
     assert (tmp_path / "a.tiff").read_bytes() == (tmp_path / "b.tiff").read_bytes()
@@ -92,6 +92,9 @@ def test_same_seed_same_bytes_and_strips_in_any_order(tmp_path):
     whole = HardPainter(640, 512, tissue, lesions, 5, MPP)(0, 512)
     alone = HardPainter(640, 512, tissue, lesions, 5, MPP)(200, 150)
     assert np.array_equal(alone, whole[200:350])
+    narrow = HardPainter(640, 512, tissue, lesions, 5, MPP)
+    narrow.chunk = 100  # column chunks, as on slides wider than 4096 px
+    assert np.array_equal(narrow(0, 512), whole)
 
 
 def test_hard_cohort_is_deterministic_and_recorded(tmp_path):

@@ -9,8 +9,8 @@ amounts and white level, mixed in optical-density space (Beer-Lambert), so colou
 nothing. Lesions come in every size, from foci of a few patches to large regions, with ragged
 outlines.
 
-Pixels are painted strip by strip (:class:`HardPainter`); nothing slide-sized is held in memory
-except coarse fields of one value per 64-px cell or per nucleus block.
+Pixels are painted strip by strip, 4096 columns at a time (:class:`HardPainter`); nothing
+slide-sized is held in memory except coarse fields of one value per 64-px cell or per nucleus block.
 """
 
 from __future__ import annotations
@@ -25,8 +25,17 @@ from shapely import affinity
 from shapely.geometry import Polygon
 
 from wsi_scaat.synth.geometry import _random_point, _snap
-from wsi_scaat.synth.nuclei import ATYPICAL, N_JAG, N_SHAPE, NORMAL_KINDS, prepared, sample_block, stamp
-from wsi_scaat.synth.render import TEXTURE_PERIODS, _noise, stain_field
+from wsi_scaat.synth.nuclei import (
+    ATYPICAL,
+    N_JAG,
+    N_SHAPE,
+    NORMAL_KINDS,
+    Nuclei,
+    prepared,
+    sample_block,
+    stamp,
+)
+from wsi_scaat.synth.render import _CELL, _CHUNK, TEXTURE_PERIODS, _noise, rasterize, stain_field
 
 REF_H = (0.5626, 0.7201, 0.4062)  # reference hematoxylin and eosin OD vectors (Macenko et al.)
 REF_E = (0.2159, 0.8012, 0.5581)
@@ -55,7 +64,7 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def slide_stain(rng: np.random.Generator) -> SlideStain:
-    """Random stain of one slide: vectors tilted around the reference, amounts x0.7-1.3, white 228-252."""
+    """Random stain of one slide: vectors tilted around the reference, amounts x0.7-1.3, white ~236-252."""
     return SlideStain(
         h=_unit(np.asarray(REF_H) + rng.normal(0, 0.07, 3)).astype(np.float32),
         e=_unit(np.asarray(REF_E) + rng.normal(0, 0.07, 3)).astype(np.float32),
@@ -137,9 +146,6 @@ class HardPainter:
         seed: int,
         mpp: float,
     ):
-        from wsi_scaat.synth.render import rasterize
-
-        self._rasterize = rasterize
         self.width, self.height, self.mpp = width, height, mpp
         self.tissue, self.lesions = list(tissue), list(lesions)
         self.tissue_geom, self.lesion_geom = prepared(self.tissue), prepared(self.lesions)
@@ -162,9 +168,10 @@ class HardPainter:
             self.hema_bg.append(0.35 * fine + 0.25 * low)
         self.background = _noise(r_bg, 500, 0.8)
         self.stain_field = stain_field(int(ss.generate_state(1)[0]), width, height)
-        self._blocks: dict[tuple[int, int], object] = {}
+        self.chunk = min(_CHUNK, width)  # columns painted at once (bounded memory on wide slides)
+        self._blocks: dict[tuple[int, int], Nuclei] = {}
 
-    def _block(self, by: int, bx: int):
+    def _block(self, by: int, bx: int) -> Nuclei:
         key = (by, bx)
         if key not in self._blocks:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, 0xB10C, by, bx]))
@@ -181,54 +188,64 @@ class HardPainter:
             )
         return self._blocks[key]
 
-    def nuclei_rows(self, y0: int, h: int) -> list:
-        """The nucleus blocks that can reach rows y0..y0+h (generated once, dropped when passed)."""
+    def nuclei_blocks(self, y0: int, h: int, x0: int, w: int) -> list[Nuclei]:
+        """The nucleus blocks that can reach the window (generated once, dropped when passed).
+
+        Strips are painted top to bottom: blocks above the window's rows are forgotten.
+        """
         lo = max(0, (y0 - self.margin) // self.block)
         hi = min(self.block_rows - 1, (y0 + h + self.margin) // self.block)
+        left = max(0, (x0 - self.margin) // self.block)
+        right = min(self.block_cols - 1, (x0 + w + self.margin) // self.block)
         for key in [k for k in self._blocks if k[0] < lo]:
             del self._blocks[key]
-        return [self._block(by, bx) for by in range(lo, hi + 1) for bx in range(self.block_cols)]
+        return [self._block(by, bx) for by in range(lo, hi + 1) for bx in range(left, right + 1)]
 
-    def _stroma(self, y0: int, h: int) -> tuple[np.ndarray, np.ndarray]:
-        eosin = np.zeros((h, self.width), np.float32)
-        hema = np.zeros((h, self.width), np.float32)
-        cols = np.arange(self.width)
+    def _stroma(self, y0: int, h: int, x0: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """Eosin and background hematoxylin OD of the window (the same under both classes)."""
+        eosin = np.zeros((h, w), np.float32)
+        hema = np.zeros((h, w), np.float32)
         for e_tex, h_tex in zip(self.eosin, self.hema_bg, strict=True):
             p = e_tex.shape[0]
-            idx = np.ix_((y0 + np.arange(h)) % p, cols % p)
+            idx = np.ix_((y0 + np.arange(h)) % p, (x0 + np.arange(w)) % p)
             eosin += e_tex[idx]
             hema += h_tex[idx]
         eosin = 0.24 * np.clip(1 + eosin / math.sqrt(2), 0.25, None)
         hema = 0.045 * np.clip(1 + hema / math.sqrt(2), 0.2, None)
         return eosin, hema
 
-    def __call__(self, y0: int, h: int) -> np.ndarray:
-        tmask = self._rasterize(self.tissue, y0, h, 0, self.width)
-        eosin, hema = self._stroma(y0, h)
-        nuc = np.zeros((h, self.width), np.float32)
-        cover = np.zeros((h, self.width), np.float32)
-        for nuclei in self.nuclei_rows(y0, h):
-            stamp(nuclei, y0, h, self.width, nuc, cover, self.grain)
+    def _window(self, y0: int, h: int, x0: int, w: int, tissue: np.ndarray) -> np.ndarray:
+        eosin, hema = self._stroma(y0, h, x0, w)
+        nuc = np.zeros((h, w), np.float32)
+        cover = np.zeros((h, w), np.float32)
+        for nuclei in self.nuclei_blocks(y0, h, x0, w):
+            stamp(nuclei, (y0, h, x0, w), nuc, cover, self.grain)
         eosin *= 1 - 0.65 * cover
         np.maximum(hema, nuc, out=hema)
-        # local stain intensity (smooth field on 64-px cells), as in the easy preset
-        cell = 64
-        yc = (y0 + np.arange(h) + 0.5) / cell + 0.5
-        xc = (np.arange(self.width) + 0.5) / cell + 0.5
+        # local stain intensity: the easy preset's smooth field on 64-px cells, bilinear
+        yc = (y0 + np.arange(h) + 0.5) / _CELL + 0.5
+        xc = (x0 + np.arange(w) + 0.5) / _CELL + 0.5
         iy, ix = np.floor(yc).astype(np.intp), np.floor(xc).astype(np.intp)
         wy, wx = (yc - iy).astype(np.float32)[:, None], (xc - ix).astype(np.float32)[None, :]
         f = self.stain_field / 128
         rows = f[iy] * (1 - wy) + f[iy + 1] * wy
         factor = rows[:, ix] * (1 - wx) + rows[:, ix + 1] * wx
         s = self.stain
-        od = (hema * (s.h_amount * factor))[..., None] * s.h + (eosin * (s.e_amount * factor))[
-            ..., None
-        ] * s.e
+        od = (hema * (s.h_amount * factor))[..., None] * s.h
+        od += (eosin * (s.e_amount * factor))[..., None] * s.e
         knee = od > OD_KNEE  # saturate gently: no black pixels, whose log would dominate OD means
         od[knee] = OD_KNEE + (OD_CAP - OD_KNEE) * np.tanh((od[knee] - OD_KNEE) / (OD_CAP - OD_KNEE))
         rgb = s.white * np.power(np.float32(10), -od)
         p = self.background.shape[0]
-        bg = self.background[np.ix_((y0 + np.arange(h)) % p, np.arange(self.width) % p)]
+        bg = self.background[np.ix_((y0 + np.arange(h)) % p, (x0 + np.arange(w)) % p)]
         bg = (s.white - 6)[None, None, :] + 1.3 * bg[..., None]
-        out = np.where(tmask[..., None], rgb, bg)
+        out = np.where(tissue[..., None], rgb, bg)
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+    def __call__(self, y0: int, h: int) -> np.ndarray:
+        out = np.empty((h, self.width, 3), np.uint8)
+        tissue = rasterize(self.tissue, y0, h, 0, self.width)
+        for x0 in range(0, self.width, self.chunk):
+            w = min(self.chunk, self.width - x0)
+            out[:, x0 : x0 + w] = self._window(y0, h, x0, w, tissue[:, x0 : x0 + w])
+        return out

@@ -3,10 +3,12 @@
 Nuclei are drawn block by block (square blocks of ``block`` level-0 pixels, each with its own
 random stream), so any strip of a slide can be painted without the rest, in any order, with the
 same result. In every block nuclei are added until their summed area reaches the local
-*cellularity* (nuclear area fraction) times the block area: the cellularity field is the same for
+*cellularity* (nuclear area fraction) times the block area, lesion candidates thinned so that a
+block across a lesion border is as full on both sides: the cellularity field is the same for
 both tissue classes, so lesion and normal tissue hold the same amount of nuclear material per
-area and differ only in how it is shaped. Whether a nucleus is of the lesion or the normal kind
-is decided by its centre: inside a lesion polygon, lesion; otherwise normal.
+area, with the same mean optical density, and differ only in how it is shaped. Whether a nucleus
+is of the lesion or the normal kind is decided by its centre: inside a lesion polygon, lesion;
+otherwise normal.
 
 Sizes are in micrometres and converted with the slide's microns-per-pixel.
 """
@@ -69,7 +71,7 @@ class Nuclei:
     angle: np.ndarray
     harm_amp: np.ndarray  # (n, N_SHAPE + N_JAG)
     harm_phase: np.ndarray  # (n, N_SHAPE + N_JAG)
-    od: np.ndarray
+    od: np.ndarray  # OD of the rim: the drawn mean OD over the mean of the nucleus' profile
     chromatin: np.ndarray
     coarse: np.ndarray  # bool
     interior: np.ndarray  # od of the centre relative to the rim (1: not vesicular)
@@ -213,24 +215,28 @@ def sample_block(
 
 def stamp(
     nuclei: Nuclei,
-    y0: int,
-    h: int,
-    width: int,
+    window: tuple[int, int, int, int],
     hema: np.ndarray,
     cover: np.ndarray,
     grain: tuple[np.ndarray, np.ndarray],
 ) -> None:
-    """Paint ``nuclei`` into rows y0..y0+h: ``hema`` (hematoxylin OD) and ``cover`` (nuclear alpha).
+    """Paint ``nuclei`` into ``hema`` (hematoxylin OD) and ``cover`` (nuclear alpha).
 
-    Both are (h, width) float32 and updated with a per-pixel maximum (overlapping nuclei do not
-    add up). ``grain`` holds two periodic unit-variance noise textures (fine, coarse) that give the
-    chromatin its texture, indexed by the absolute pixel position.
+    ``window`` = (y0, h, x0, w): both arrays are (h, w) float32 and hold rows y0..y0+h, columns
+    x0..x0+w of level 0; they are updated with a per-pixel maximum (overlapping nuclei do not add
+    up), so a pixel's value does not depend on the window. ``grain`` holds two periodic
+    unit-variance noise textures (fine, coarse) that give the chromatin its texture, indexed by the
+    absolute pixel position.
     """
+    y0, h, x0, w = window
     ext = nuclei.extent
     k = np.arange(2, 2 + N_SHAPE + N_JAG, dtype=np.float32)
-    for i in np.flatnonzero((nuclei.y + ext > y0) & (nuclei.y - ext < y0 + h)):
+    near = (
+        (nuclei.y + ext > y0) & (nuclei.y - ext < y0 + h) & (nuclei.x + ext > x0) & (nuclei.x - ext < x0 + w)
+    )
+    for i in np.flatnonzero(near):
         cx, cy, e = nuclei.x[i], nuclei.y[i], ext[i]
-        c0, c1 = max(int(cx - e), 0), min(int(cx + e) + 1, width)
+        c0, c1 = max(int(cx - e), x0), min(int(cx + e) + 1, x0 + w)
         r0, r1 = max(int(cy - e), y0), min(int(cy + e) + 1, y0 + h)
         if c0 >= c1 or r0 >= r1:
             continue
@@ -259,7 +265,7 @@ def stamp(
                 ux, uy = nx * nuclei.radius[i], ny * nuclei.radius[i]
                 od += nuclei.od[i] * NUCLEOLUS_PEAK * np.exp(-((u - ux) ** 2 + (v - uy) ** 2) / (2 * nr * nr))
         od *= alpha
-        rows, cols = slice(r0 - y0, r1 - y0), slice(c0, c1)
+        rows, cols = slice(r0 - y0, r1 - y0), slice(c0 - x0, c1 - x0)
         np.maximum(hema[rows, cols], od, out=hema[rows, cols])
         np.maximum(cover[rows, cols], alpha, out=cover[rows, cols])
 
