@@ -85,6 +85,11 @@ class StoreFormat(str, Enum):
     zarr = "zarr"
 
 
+class Difficulty(str, Enum):
+    easy = "easy"
+    hard = "hard"
+
+
 class Compression(str, Enum):
     lz4 = "lz4"
     zstd = "zstd"
@@ -119,6 +124,12 @@ def synth(
     lesion_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help=_h(SynthConfig, "lesion_slide_fraction"))
     ] = _d(SynthConfig, "lesion_slide_fraction"),
+    difficulty: Annotated[Difficulty, typer.Option(help=_h(SynthConfig, "difficulty"))] = Difficulty(
+        _d(SynthConfig, "difficulty")
+    ),
+    split_fractions: Annotated[
+        tuple[float, float, float], typer.Option(min=0.0, help=_h(SynthConfig, "split_fractions"))
+    ] = _d(SynthConfig, "split_fractions"),
     config: Annotated[
         list[Path] | None,
         typer.Option(help="Take every setting from the config's `synth:` section instead (repeatable)."),
@@ -147,10 +158,19 @@ def synth(
             s.mpp,
             s.lesion_slide_fraction,
         )
+        difficulty, split_fractions = Difficulty(s.difficulty), s.split_fractions
     if out is None:
         raise ValueError("give --out DIR (or --config FILE with a `synth:` section)")
     manifest, made = ensure_cohort(
-        out, slides, width, height, seed, mpp=mpp, lesion_slide_fraction=lesion_fraction
+        out,
+        slides,
+        width,
+        height,
+        seed,
+        mpp=mpp,
+        lesion_slide_fraction=lesion_fraction,
+        difficulty=difficulty.value,
+        split_fractions=tuple(split_fractions),
     )
     verb = "wrote" if made else "up to date:"
     typer.echo(f"{verb} {slides} slides of {width} x {height} px; manifest: {manifest}")

@@ -50,6 +50,21 @@ class SynthConfig(Section):
     seed: int = Field(0, description="random seed; the same seed gives identical files")
     mpp: float = Field(0.5, gt=0, le=100, description="microns per pixel written in the slides")
     lesion_slide_fraction: float = Field(0.5, ge=0, le=1, description="fraction of slides carrying lesions")
+    difficulty: Literal["easy", "hard"] = Field(
+        "easy",
+        description="easy: lesions are dense dark regions; hard: lesions differ from normal tissue in "
+        "nuclear morphology only, every slide has its own stain (docs/synthetic.md)",
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="shares of the slides in the splits train, val and test"
+    )
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _shares(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or sum(v) <= 0:
+            raise ValueError("three non-negative numbers, not all zero")
+        return v
 
 
 class TissueConfig(Section):
