@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -56,3 +57,25 @@ def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+SECTION = re.compile(r"<!-- bench:(?P<name>\w+):begin -->\n.*?\n<!-- bench:(?P=name):end -->", re.S)
+
+
+def section_block(name: str, text: str) -> str:
+    """A benchmark's own section of docs/benchmarks.md, between markers that ``run_all`` keeps."""
+    return f"<!-- bench:{name}:begin -->\n{text.strip()}\n<!-- bench:{name}:end -->"
+
+
+def read_sections(text: str) -> dict[str, str]:
+    """The marked sections (whole blocks, markers included) of a document, by benchmark name."""
+    return {m["name"]: m[0] for m in SECTION.finditer(text)}
+
+
+def write_section(doc: Path, name: str, text: str) -> None:
+    """Replace benchmark ``name``'s section of ``doc`` (or append it), leaving the rest as it was."""
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    block = section_block(name, text)
+    sections = read_sections(old)
+    new = old.replace(sections[name], block) if name in sections else old.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(new, encoding="utf-8")

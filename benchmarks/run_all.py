@@ -1,11 +1,11 @@
 """Every benchmark in one run and one table, also written to docs/benchmarks.md (``make benchmark``).
 
-    python benchmarks/run_all.py [--quick] [--only tiling,saliency,...,workflow_scale] [--out PATH]
+    python benchmarks/run_all.py [--quick] [--only tiling,saliency,metrics,training,...] [--out PATH]
 
 Each ``bench_*.py`` module exposes ``run(quick=False) -> list[dict]``; its rows share the columns
-below (``ratio`` is the figure over the reference, ``met`` whether the goal holds). A full run
-writes docs/benchmarks.md (keeping what follows its ``KEPT`` line: sections written by hand, e.g. a
-before / after comparison); ``--quick`` (small inputs) or ``--only`` print the table and write only
+below (``ratio`` is the figure over the reference, ``met`` whether the goal holds). A module that also
+sets ``last_report`` (markdown) after ``run`` gets a section of its own in the document. A full run
+writes docs/benchmarks.md; ``--quick`` (small inputs) or ``--only`` print the table and write only
 with ``--out``. Benchmarks are not tests: nothing here fails on a time.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import machine, read_sections, section_block, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -47,6 +47,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
                 "two results)."),
     "training": ("bench_training", "one training step (zero_grad, method step, backward, optimiser step) of "
                  "each method vs ERM's, same model and batch, methods taking turns over several rounds."),
+    "cpu_precision": ("bench_cpu_precision", "bfloat16 autocast + channels-last against float32 on CPU: "
+                      "training steps of ERM and SCAAT, the saliency stage, and ERM and SCAAT trained with 3 "
+                      "seeds in each precision (accuracy and map metrics against the float32 seeds' spread); "
+                      "details in its own section below."),
     "stitching": ("bench_stitching", "out-of-core `stitch` (dask, level 0 and pyramid written to zarr) vs "
                   "`stitch_dense` (one numpy canvas, nothing written) on the same saliency store, and its "
                   "speed and peak RSS on a 100,000 x 100,000 px slide (each in its own subprocess)."),
@@ -78,6 +82,10 @@ def metrics_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 ADAPT = {"metrics": metrics_rows}
 
 
+#: Markdown sections written by the benchmarks of this run (a module's ``last_report`` after ``run``).
+SECTIONS: dict[str, str] = {}
+
+
 def run_benchmark(name: str, quick: bool) -> list[dict[str, Any]]:
     """The rows of one benchmark; a row saying why when its module is missing or it fails."""
     module = BENCHMARKS[name][0]
@@ -92,6 +100,8 @@ def run_benchmark(name: str, quick: bool) -> list[dict[str, Any]]:
     except Exception as exc:
         traceback.print_exc()
         return [{"benchmark": name, "measured": f"failed: {type(exc).__name__}: {exc}".splitlines()[0]}]
+    if getattr(mod, "last_report", None):
+        SECTIONS[name] = mod.last_report
     return [{"benchmark": name, **r} for r in rows]
 
 
@@ -129,8 +139,11 @@ def settings() -> str:
     return ", ".join([f"torch threads {torch.get_num_threads()}", *env])
 
 
-def document(header: str, body: str, names: list[str], quick: bool, seconds: dict[str, float]) -> str:
-    """docs/benchmarks.md: the machine, the table, how to reproduce, what each benchmark compares."""
+def document(
+    header: str, body: str, names: list[str], quick: bool, seconds: dict[str, float], old: str = ""
+) -> str:
+    """docs/benchmarks.md: the machine, the table, how to reproduce, what each benchmark compares, then
+    the benchmarks' own sections: this run's, or those of ``old`` (the previous file) not rerun."""
     timing = ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
     lines = [
         "# Benchmarks",
@@ -175,6 +188,9 @@ def document(header: str, body: str, names: list[str], quick: bool, seconds: dic
     lines += [f"* **{n}** (`benchmarks/{BENCHMARKS[n][0]}.py`): {BENCHMARKS[n][1]}" for n in names]
     if quick:
         lines[0] += " (quick run: small inputs)"
+    sections = read_sections(old) | {name: section_block(name, text) for name, text in SECTIONS.items()}
+    for block in sections.values():
+        lines += ["", block]
     return "\n".join(lines) + "\n"
 
 
@@ -212,9 +228,10 @@ def main() -> None:
     print(f"\n{header}\n\n{body}")
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        old = out.read_text() if out.is_file() else ""
-        kept = "\n" + old[old.index(KEPT) :] if KEPT in old else ""
-        out.write_text(document(header, body, names, args.quick, seconds) + kept)
+        old = out.read_text(encoding="utf-8") if out.exists() else ""
+        generated, kept = old.split(KEPT, 1) if KEPT in old else (old, None)
+        tail = "" if kept is None else "\n" + KEPT + kept
+        out.write_text(document(header, body, names, args.quick, seconds, generated) + tail)
         print(f"\nwritten to {out}")
 
 

@@ -180,7 +180,8 @@ def saliency_args():
     """Flags of `wsi-scaat saliency` from the config, shell-quoted."""
     s = CFG.saliency
     args = ["--method", s.method, "--target", s.target, "--map-downsample", s.map_downsample,
-            "--batch-size", s.batch_size, "--device", s.device, "--overlap", s.overlap]
+            "--batch-size", s.batch_size, "--device", s.device, "--overlap", s.overlap,
+            "--amp", str(s.amp).lower()]
     for key, value in sorted(s.options.items()):
         args += ["--option", f"{key}={value}"]
     return " ".join(shlex.quote(str(a)) for a in args)

@@ -103,6 +103,39 @@ def test_shape_dtype_detached(model, inputs, method):
     assert torch.isfinite(attr).all()
 
 
+def test_float32_outputs_under_autocast(model, inputs):
+    """Under bf16 autocast the model's layers compute in bf16, but the hooked outputs come out float32."""
+    from wsi_scaat.saliency.attribution import float32_outputs
+
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(inputs).dtype == torch.bfloat16 and model[3](model[:3](inputs)).dtype == torch.bfloat16
+        with float32_outputs(model, model[3]):
+            assert model(inputs).dtype == torch.float32 and model[3](model[:3](inputs)).dtype == torch.float32
+        assert model(inputs).dtype == torch.bfloat16  # hooks removed
+    with float32_outputs(model):
+        assert torch.equal(model(inputs), model(inputs))  # float32 outputs are left alone
+    assert not model._forward_hooks
+
+
+@pytest.mark.parametrize("method", ATTRIBUTION_METHODS)
+def test_bf16_autocast_gives_float32_attributions_ranked_as_float32(model, inputs, method):
+    """Same shape and dtype as in float32; the gradient-based methods rank pixels as in float32 (Spearman
+    of the channel-summed maps), the mask optimisations only run (bf16 redirects their search)."""
+    kwargs = FAST.get(method, {})
+    ref = attribute(model, inputs, TARGET, method, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attr = attribute(model, inputs, TARGET, method, **kwargs)
+    assert attr.shape == ref.shape and attr.dtype == torch.float32 and torch.isfinite(attr).all()
+    if method.startswith("mask_opt"):
+        return
+    a, b = (m.abs().sum(1).flatten(1).double() for m in (ref, attr))
+    ra, rb = (m.argsort(1).argsort(1).double() for m in (a, b))
+    ra, rb = ra - ra.mean(1, keepdim=True), rb - rb.mean(1, keepdim=True)
+    rho = (ra * rb).sum(1) / (ra.norm(dim=1) * rb.norm(dim=1))
+    assert rho.min() > 0.95, rho
+
+
 @pytest.mark.parametrize("method", ATTRIBUTION_METHODS)
 @pytest.mark.parametrize("inputs_require_grad", [False, True])
 def test_model_and_inputs_left_as_they_were(model, inputs, method, inputs_require_grad):

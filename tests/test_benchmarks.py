@@ -36,6 +36,35 @@ def test_saliency_benchmark_rows(bench_modules: None) -> None:
         assert list(shown) == run_all.COLUMNS and shown["ratio"].endswith("x")
 
 
+def test_cpu_precision_benchmark_rows_and_section(bench_modules: None, tmp_path: Path) -> None:
+    import bench_cpu_precision
+    import run_all
+
+    from common import read_sections, write_section
+
+    rows = bench_cpu_precision.run(quick=True, seeds=2)
+    kinds = {r["unit"] for r in rows}
+    assert {"ms/step", "x erm", "patches/s", "rho"} <= kinds
+    for row in rows:
+        assert row["figure"] == row["figure"] and list(run_all.present(row)) == run_all.COLUMNS  # not NaN
+    steps = [r for r in rows if r["unit"] == "ms/step"]  # erm, scaat: 1-thread CPU, n-thread wall; pinned
+    assert len(steps) == 5 and all(r["figure"] > 0 for r in steps)
+    assert sum(isinstance(r.get("goal_met"), bool) for r in steps) == 2  # the goal is on CPU time
+    quality = [r for r in rows if r.get("goal") == "in fp32 range"]
+    assert len(quality) == 2 * len(bench_cpu_precision.METRICS)  # erm and scaat, every metric
+    report = bench_cpu_precision.last_report
+    assert report.startswith("## CPU precision") and "| within fp32 range |" in report
+    doc = tmp_path / "b.md"
+    doc.write_text("# Benchmarks\n\nthe table\n")
+    write_section(doc, "cpu_precision", report)
+    write_section(doc, "cpu_precision", "## CPU precision\n\nrewritten")
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nthe table\n") and text.count("## CPU precision") == 1
+    assert read_sections(text)["cpu_precision"].endswith("rewritten\n<!-- bench:cpu_precision:end -->")
+    kept = run_all.document("header", "body", ["training"], False, {"training": 1.0}, old=text)
+    assert read_sections(kept) == read_sections(text)  # a full run keeps sections it did not rewrite
+
+
 def test_run_all_rejects_unknown_names(bench_modules: None, monkeypatch: pytest.MonkeyPatch) -> None:
     import run_all
 

@@ -124,7 +124,7 @@ def test_cli_defaults_are_the_config_defaults(name: str) -> None:
         expected = section.model_fields[field].get_default(call_default_factory=True)
         assert default == expected, f"{name} --{option.replace('_', '-')}: {default!r} != {expected!r}"
         compared.append(option)
-    assert len(compared) == {"synth": 6, "tile": 14, "saliency": 6, "stitch": 7, "export": 10}[name], compared
+    assert len(compared) == {"synth": 8, "tile": 14, "saliency": 7, "stitch": 7, "export": 10}[name], compared
 
 
 def test_shipped_review_settings_are_the_defaults() -> None:

@@ -7,6 +7,9 @@ wsi_scaat train``). The configs make the two runs comparable value by value:
   in distribution (every other random draw, SCAAT/SGT noise and augmentation, is per sample);
 * SGD rather than AdamW: Adam's update is invariant to the gradient's scale, so it would hide a
   wrongly scaled (summed instead of averaged) gradient;
+* ``amp: false`` (float32): under bfloat16 autocast the two runs' different summation orders are
+  rounded to 8 mantissa bits, far beyond the tolerance below (bf16 CPU training is checked for
+  determinism and exact resume in ``test_training.py``);
 * ``scaat.steps: 0`` (the random start within the saliency-ranked budget, no PGD sign step) and
   ``scaat.bf16_search: false``: ``sign`` of an input-gradient element that is ~0 is decided by
   float rounding, and one flipped element moves that pixel by 2 eps; SCAAT then amplifies it
@@ -50,7 +53,7 @@ RTOL = 2e-5  # metrics.csv values (6 significant digits)
 
 
 def _comparable(base: dict) -> dict:
-    train = {**base["train"], "epochs": 2, "optimizer": "sgd", "lr": 0.05,
+    train = {**base["train"], "epochs": 2, "optimizer": "sgd", "lr": 0.05, "amp": False,
              "model": {**base["train"]["model"], "dropout": 0.0},
              "scaat": {"warmup_epochs": 1, "bf16_search": False, "steps": 0}}  # fmt: skip
     return {**base, "train": train}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ def store_path(tiny_cohort: dict) -> Path:
 
 
 def test_stage_writes_the_contract(tiny_checkpoint: Path, store_path: Path, tmp_path: Path) -> None:
-    out = run_saliency(tiny_checkpoint, store_path, tmp_path, batch_size=7, progress=False)
+    out = run_saliency(tiny_checkpoint, store_path, tmp_path, batch_size=7, amp=False, progress=False)
     assert out == tmp_path / "synth_000.saliency.zarr"
     sal = open_saliency_store(out)
     with open_store(store_path) as patches:
@@ -33,6 +34,7 @@ def test_stage_writes_the_contract(tiny_checkpoint: Path, store_path: Path, tmp_
     assert probs.shape == (n, 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(sal.array("target"), probs.argmax(1))
     assert sal.attrs["class_names"] == ["normal", "lesion"] and sal.attrs["map_size"] == 32
+    assert sal.attrs["saliency_precision"] == {"autocast": "float32", "channels_last": False}
     assert sal.array("tissue_mask").ndim == 2
     # the stored maps are |d f_t / dx| summed over channels, computed by hand here
     model, _ = load_model(tiny_checkpoint, torch.device("cpu"))
@@ -99,3 +101,65 @@ def test_fused_path_equals_attribution_api(tiny_checkpoint: Path, method: str) -
     torch.testing.assert_close(maps, expected.abs().sum(1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(signed, expected.sum(1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(probs, torch.softmax(model(x), 1), rtol=1e-5, atol=1e-7)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation per map (midranks) of two (N, h, w) map stacks."""
+    from scipy.stats import rankdata
+
+    ra, rb = (rankdata(m.reshape(len(m), -1).astype(np.float64), axis=1) for m in (a, b))
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    return (ra * rb).sum(1) / np.sqrt((ra**2).sum(1) * (rb**2).sum(1))
+
+
+def test_bf16_maps_are_close_to_fp32_maps(tiny_checkpoint: Path, store_path: Path, tmp_path: Path) -> None:
+    """``amp: true`` (forced, so also on CPUs without native bf16): float16 maps, float32 probabilities,
+    each map ranked as its float32 map (Spearman) and as sparse (Gini); the precision recorded."""
+    from wsi_scaat.metrics import sparseness_gini
+
+    def stage(name: str, amp: bool) -> Any:
+        out = run_saliency(
+            tiny_checkpoint, store_path, tmp_path / name, target="lesion", amp=amp, progress=False
+        )
+        return open_saliency_store(out)
+
+    fp32, bf16 = stage("fp32", False), stage("bf16", True)
+    assert bf16.attrs["saliency_precision"] == {"autocast": "bfloat16", "channels_last": True}
+    assert bf16.maps.dtype == np.float16 and bf16.array("probs").dtype == np.float32
+    np.testing.assert_allclose(bf16.array("probs"), fp32.array("probs"), atol=0.02)
+    a, b = fp32.maps[:].astype(np.float32), bf16.maps[:].astype(np.float32)
+    rho = _spearman(a, b)
+    gini = (sparseness_gini(b) - sparseness_gini(a)).abs()
+    print(
+        f"bf16 vs fp32: Spearman mean {rho.mean():.4f} min {rho.min():.4f}; Gini |diff| max {gini.max():.5f}"
+    )
+    assert rho.mean() > 0.95 and rho.min() > 0.9
+    assert float(gini.max()) < 0.01
+
+
+def test_amp_auto_keeps_mask_optimisation_in_float32(tiny_checkpoint: Path, store_path: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    from wsi_scaat.training import loop
+
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: True)  # as on a CPU with native bf16
+    auto = {}
+    for method in ("gradient", "mask_opt"):
+        out = run_saliency(tiny_checkpoint, store_path, tmp_path / method, method=method, amp="auto",
+                           options={"n_iter": 1} if method == "mask_opt" else {}, progress=False)  # fmt: skip
+        auto[method] = open_saliency_store(out).attrs["saliency_precision"]["autocast"]
+    assert auto == {"gradient": "bfloat16", "mask_opt": "float32"}
+
+
+def test_cli_amp_reaches_the_stage(tiny_checkpoint: Path, store_path: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wsi_scaat.cli import app
+
+    args = ["saliency", "--checkpoint", str(tiny_checkpoint), "--store", str(store_path), "--no-progress"]
+    for value, dtype in (("false", "float32"), ("true", "bfloat16")):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / value), "--amp", value])
+        assert result.exit_code == 0, result.output
+        attrs = open_saliency_store(tmp_path / value / "synth_000.saliency.zarr").attrs
+        assert attrs["saliency_precision"]["autocast"] == dtype
+    bad = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "x"), "--amp", "maybe"])
+    assert bad.exit_code != 0 and "maybe" in bad.output

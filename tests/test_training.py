@@ -22,18 +22,76 @@ def _quiet(_: str) -> None:
     pass
 
 
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("method", ["erm", "scaat"])
-def test_resume_equals_uninterrupted(tiny_cohort: dict, tmp_path: Path, method: str) -> None:
-    cfg = _cfg(tiny_cohort)
+def test_resume_equals_uninterrupted(tiny_cohort: dict, tmp_path: Path, method: str, amp: bool) -> None:
+    """Bitwise, in float32 and under bfloat16 autocast + channels-last (forced: also on CPUs without bf16)."""
+    cfg = _cfg(tiny_cohort, amp=amp, channels_last=amp)
     fit(cfg, method, tmp_path / "full", log=_quiet)
     fit(cfg, method, tmp_path / "cut", stop_after=1, log=_quiet)  # "killed" after epoch 1
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 1
     fit(cfg, method, tmp_path / "cut", resume=True, log=_quiet)
     full, cut = (load_checkpoint(tmp_path / d / "last.pt") for d in ("full", "cut"))
     assert full["epoch"] == cut["epoch"] == 3
+    assert full["precision"] == cut["precision"] == {"autocast": "bfloat16" if amp else "float32",
+                                                     "channels_last": amp}  # fmt: skip
     for key, value in full["model"].items():
         assert torch.equal(value, cut["model"][key]), key
     assert [r["train_loss"] for r in full["history"]] == [r["train_loss"] for r in cut["history"]]
+
+
+def test_bf16_training_is_deterministic_and_differs_from_fp32(tiny_cohort: dict, tmp_path: Path) -> None:
+    """Same seed, same bf16 weights bitwise; and bf16 really is another computation than float32."""
+    runs = {}
+    for name, amp in (("a", True), ("b", True), ("fp32", False)):
+        fit(_cfg(tiny_cohort, epochs=1, amp=amp, channels_last=amp), "erm", tmp_path / name, log=_quiet)
+        runs[name] = load_checkpoint(tmp_path / name / "last.pt")["model"]
+    assert all(torch.equal(v, runs["b"][k]) for k, v in runs["a"].items())
+    assert not all(torch.equal(v, runs["fp32"][k]) for k, v in runs["a"].items())
+    assert all(v.dtype == runs["fp32"][k].dtype for k, v in runs["a"].items())  # weights stay float32
+
+
+def test_resume_in_another_precision_starts_afresh(tiny_cohort: dict, tmp_path: Path, monkeypatch) -> None:
+    """``amp: auto`` resolves per machine: a run continued where it resolves otherwise starts afresh."""
+    from wsi_scaat.training import loop, trainer
+
+    cfg = _cfg(tiny_cohort, epochs=2, amp="auto", channels_last=False)
+    for module in (loop, trainer):
+        monkeypatch.setattr(module, "fast_bf16", lambda device: False)  # a CPU without bf16: float32
+    first: list[str] = []
+    fit(cfg, "erm", tmp_path, stop_after=1, log=first.append)
+    assert load_checkpoint(tmp_path / "last.pt")["precision"]["autocast"] == "float32"
+    assert "batch 16, float32)" in first[0] and not any("warning" in line for line in first)
+    monkeypatch.setattr(loop, "fast_bf16", lambda device: True)  # resumed on a CPU with bf16
+    lines: list[str] = []
+    fit(cfg, "erm", tmp_path, resume=True, log=lines.append)
+    assert any("trained in another precision" in line and "starting afresh" in line for line in lines), lines
+    assert load_checkpoint(tmp_path / "last.pt")["precision"]["autocast"] == "bfloat16"
+    assert "batch 16, bfloat16 autocast)" in lines[0]
+    forced: list[str] = []  # amp: true on a CPU without native bf16 is honoured, with a warning
+    fit(_cfg(tiny_cohort, epochs=1, amp=True), "erm", tmp_path / "forced", log=forced.append)
+    assert "bfloat16 autocast, channels-last" in forced[0] and "emulated" in forced[1]
+
+
+def test_runtime_resolution(monkeypatch) -> None:
+    """What ``amp`` and ``channels_last`` resolve to, per device and bf16 support."""
+    from wsi_scaat.training import loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(loop, "fast_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        half = torch.bfloat16 if native else torch.float16
+        assert loop.amp_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+        assert loop.amp_dtype(cpu, True) == torch.bfloat16 and loop.amp_dtype(cpu, False) is None
+        assert loop.amp_dtype(cuda, "auto") == loop.amp_dtype(cuda, True) == half
+        assert loop.amp_dtype(cuda, "auto", fp16=False) == (torch.bfloat16 if native else None)
+        assert loop.amp_dtype(cuda, False) is None
+    assert loop.use_channels_last(cuda, "auto") and not loop.use_channels_last(cpu, False)
+    assert loop.use_channels_last(cpu, "auto") == torch.backends.mkldnn.is_available()
+    rt = loop.make_runtime(cpu, False, True)
+    assert rt.precision == {"autocast": "float32", "channels_last": True}
+    assert rt.to_device(torch.zeros(2, 3, 4, 4)).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_checkpoint_contents_and_records(tiny_cohort: dict, tmp_path: Path) -> None:
@@ -41,7 +99,7 @@ def test_checkpoint_contents_and_records(tiny_cohort: dict, tmp_path: Path) -> N
     summary = fit(cfg, "erm", tmp_path, log=_quiet)
     state = torch.load(tmp_path / "best.pt", weights_only=True)  # loads without unpickling code
     for key in ("model", "optimizer", "config", "class_names", "normalization", "epoch", "patch_size",
-                "patch_mpp", "method", "history"):  # fmt: skip
+                "patch_mpp", "method", "history", "precision"):  # fmt: skip
         assert key in state, key
     assert state["class_names"] == ["normal", "lesion"] and state["patch_size"] == 32
     assert state["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}

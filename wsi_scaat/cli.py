@@ -85,11 +85,31 @@ class StoreFormat(str, Enum):
     zarr = "zarr"
 
 
+class Difficulty(str, Enum):
+    easy = "easy"
+    hard = "hard"
+
+
 class Compression(str, Enum):
     lz4 = "lz4"
     zstd = "zstd"
     gzip = "gzip"
     none = "none"
+
+
+class Switch(str, Enum):
+    """A config field ``bool | "auto"`` on the command line."""
+
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+    @classmethod
+    def of(cls, value: bool | str) -> Switch:
+        return cls(str(value).lower())
+
+    def resolve(self) -> bool | str:
+        return {"auto": "auto", "true": True, "false": False}[self.value]
 
 
 @app.command()
@@ -104,6 +124,12 @@ def synth(
     lesion_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help=_h(SynthConfig, "lesion_slide_fraction"))
     ] = _d(SynthConfig, "lesion_slide_fraction"),
+    difficulty: Annotated[Difficulty, typer.Option(help=_h(SynthConfig, "difficulty"))] = Difficulty(
+        _d(SynthConfig, "difficulty")
+    ),
+    split_fractions: Annotated[
+        tuple[float, float, float], typer.Option(min=0.0, help=_h(SynthConfig, "split_fractions"))
+    ] = _d(SynthConfig, "split_fractions"),
     config: Annotated[
         list[Path] | None,
         typer.Option(help="Take every setting from the config's `synth:` section instead (repeatable)."),
@@ -132,10 +158,19 @@ def synth(
             s.mpp,
             s.lesion_slide_fraction,
         )
+        difficulty, split_fractions = Difficulty(s.difficulty), s.split_fractions
     if out is None:
         raise ValueError("give --out DIR (or --config FILE with a `synth:` section)")
     manifest, made = ensure_cohort(
-        out, slides, width, height, seed, mpp=mpp, lesion_slide_fraction=lesion_fraction
+        out,
+        slides,
+        width,
+        height,
+        seed,
+        mpp=mpp,
+        lesion_slide_fraction=lesion_fraction,
+        difficulty=difficulty.value,
+        split_fractions=tuple(split_fractions),
     )
     verb = "wrote" if made else "up to date:"
     typer.echo(f"{verb} {slides} slides of {width} x {height} px; manifest: {manifest}")
@@ -315,6 +350,9 @@ def saliency(
     overlap: Annotated[int, typer.Option(min=0, help=_h(SaliencyConfig, "overlap"))] = _d(
         SaliencyConfig, "overlap"
     ),
+    amp: Annotated[Switch, typer.Option(help=_h(SaliencyConfig, "amp"))] = Switch.of(
+        _d(SaliencyConfig, "amp")
+    ),
     option: Annotated[
         list[str] | None, typer.Option(help="Method keyword argument key=value (repeatable).")
     ] = None,
@@ -332,6 +370,7 @@ def saliency(
         map_downsample=map_downsample,
         batch_size=batch_size,
         device=device,
+        amp=amp.resolve(),
         options=_options(option),
         progress=progress,
         overlap=overlap,

@@ -61,9 +61,17 @@ class TrainConfig(Section):
         description="patch stores each data-loading process keeps open (least recently used closed first); "
         "keep it well below `ulimit -n`",
     )  # fmt: skip
-    amp: bool = True
-    channels_last: bool = True
-    deterministic: bool = True
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="mixed precision (autocast; bf16 needs no loss scaling). auto: bfloat16 where the device "
+        "computes it natively (CUDA with bf16, AVX512-BF16 or AMX CPUs), float16 with loss scaling on other "
+        "CUDA devices, float32 on other CPUs; true: also bfloat16 on other CPUs (slow); false: float32 "
+        "(on CPU, also where other jobs hold the cores: bf16 weight gradients spin-wait for threads)",
+    )
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="model and batches in channels-last memory layout; auto: on CUDA and oneDNN CPUs"
+    )
+    deterministic: bool = Field(True, description="deterministic algorithms on CPU: same seed, same weights")
     gpus: int = Field(
         1, ge=1, le=64, description="processes (GPUs) per training job; > 1: the workflow runs torchrun (DDP)"
     )

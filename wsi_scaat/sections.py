@@ -50,6 +50,21 @@ class SynthConfig(Section):
     seed: int = Field(0, description="random seed; the same seed gives identical files")
     mpp: float = Field(0.5, gt=0, le=100, description="microns per pixel written in the slides")
     lesion_slide_fraction: float = Field(0.5, ge=0, le=1, description="fraction of slides carrying lesions")
+    difficulty: Literal["easy", "hard"] = Field(
+        "easy",
+        description="easy: lesions are dense dark regions; hard: lesions differ from normal tissue in "
+        "nuclear morphology only, every slide has its own stain (docs/synthetic.md)",
+    )
+    split_fractions: tuple[float, float, float] = Field(
+        (0.6, 0.2, 0.2), description="shares of the slides in the splits train, val and test"
+    )
+
+    @field_validator("split_fractions")
+    @classmethod
+    def _shares(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f < 0 for f in v) or sum(v) <= 0:
+            raise ValueError("three non-negative numbers, not all zero")
+        return v
 
 
 class TissueConfig(Section):
@@ -101,6 +116,11 @@ class SaliencyConfig(Section):
     map_downsample: int = Field(1, ge=1, le=64, description="patch maps stored at patch_size / this")
     batch_size: int = Field(128, ge=1, le=65536, description="patches per batch")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto, cpu or cuda")
+    amp: bool | Literal["auto"] = Field(
+        "auto",
+        description="model passes under bfloat16 autocast, maps accumulated in float32; auto: where the "
+        "device computes bf16 natively (CUDA with bf16, AVX512-BF16 or AMX CPUs), gradient methods only",
+    )
     options: dict[str, float | int | str] = Field(
         default_factory=dict, description="method keyword arguments"
     )

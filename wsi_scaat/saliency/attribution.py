@@ -24,7 +24,10 @@ caller's RNG state.
 During attribution the model is in eval mode and its parameters do not require gradients (only input
 gradients are computed); afterwards every module's training flag and every parameter's
 ``requires_grad`` are restored, nothing is written to ``.grad`` and the inputs are untouched. It may
-be called under ``torch.no_grad()`` or ``torch.inference_mode()``.
+be called under ``torch.no_grad()`` or ``torch.inference_mode()``, and under ``torch.autocast``
+(bfloat16): the model's layers then compute in bfloat16, but its outputs (and Grad-CAM's layer
+activations) are cast to float32, so scores, probabilities, gradients and every sum over samples,
+steps or channels are float32 like the inputs.
 """
 
 from __future__ import annotations
@@ -81,6 +84,23 @@ def seeded(device: torch.device, seed: int | None) -> Iterator[None]:
         else:
             torch.default_generator.manual_seed(seed)
         yield
+
+
+@contextmanager
+def float32_outputs(*modules: nn.Module) -> Iterator[None]:
+    """Within the block, floating outputs of ``modules`` below float32 (autocast's) are cast to float32."""
+
+    def hook(_: nn.Module, __: Any, out: Any) -> Any:
+        if isinstance(out, torch.Tensor) and out.dtype in (torch.float16, torch.bfloat16):
+            return out.float()
+        return None
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager
@@ -177,7 +197,8 @@ def _gradcam(
         layer = last_conv(model)
     elif isinstance(layer, str):
         layer = model.get_submodule(layer)
-    cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
+    with float32_outputs(layer):  # activations and their gradients in float32 under autocast
+        cam = LayerGradCam(model, layer).attribute(x, target=target, relu_attributions=True)
     cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     return cam.repeat(1, x.shape[1], 1, 1)
 
@@ -248,7 +269,7 @@ def attribute(
     fn = _method(method)
     _check_kwargs(method, fn, kwargs)
     x, t = _prepare(inputs, target)
-    with _grad_mode(), attribution_mode(model):
+    with _grad_mode(), attribution_mode(model), float32_outputs(model):
         attr = fn(model, x, t, **kwargs)
     return attr.detach().to(dtype=inputs.dtype)
 
@@ -263,6 +284,6 @@ def integrated_gradients_with_delta(
     """
     _check_kwargs("integrated_gradients", _integrated_gradients, kwargs)
     x, t = _prepare(inputs, target)
-    with _grad_mode(), attribution_mode(model):
+    with _grad_mode(), attribution_mode(model), float32_outputs(model):
         attr, delta = _ig(model, x, t, **kwargs)
     return attr.detach().to(dtype=inputs.dtype), delta.detach()

@@ -8,6 +8,13 @@ gradient method); other methods add their own passes. Each patch keeps two maps:
 |attribution| (``maps``) and of the signed attribution (``signed``). With ``overlap`` > 0, extra
 patches cut between the store's patches (:mod:`wsi_scaat.saliency.overlap`) are explained too and
 written to the store's ``overlap`` group, so that stitching can blend away the patch borders.
+
+With ``amp`` (``saliency.amp``) the model's passes run under bfloat16 autocast on channels-last
+batches; the inputs, their gradients, the maps and the probabilities stay float32 (see
+docs/benchmarks.md for how far such maps are from float32 maps). ``auto`` does so where the device
+computes bfloat16 natively, for the gradient-based methods of :data:`AMP_AUTO_METHODS`; the mask
+optimisations stay float32 under ``auto`` (bf16 rounding redirects their search: rank correlation
+with float32 maps down to 0.6, measured). The store records the precision in ``saliency_precision``.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,8 +39,13 @@ from wsi_scaat.sections import field_default as _d
 from wsi_scaat.store import open_store
 from wsi_scaat.training.checkpoint import load_checkpoint
 
+if TYPE_CHECKING:
+    from wsi_scaat.training.loop import Runtime
+
 #: Largest relative difference between the store's patch mpp and the model's.
 MPP_TOLERANCE = 0.05
+#: Attribution methods that ``amp: auto`` runs under bfloat16 autocast (where native).
+AMP_AUTO_METHODS = ("gradient", "grad_x_input", "smoothgrad", "integrated_gradients", "gradcam")
 
 
 class SaliencyError(WsiScaatError):
@@ -83,10 +95,28 @@ def _check_fit(store_attrs: dict, state: dict, store_path: Path) -> None:
 
 
 def explain_batch(
-    model: torch.nn.Module, x: torch.Tensor, fixed_target: int | None, method: str, options: dict[str, Any]
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    fixed_target: int | None,
+    method: str,
+    options: dict[str, Any],
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities (B, K), targets (B,), channel-summed |attribution| (B, H, W) and channel-summed
-    signed attribution (B, H, W) of a batch."""
+    signed attribution (B, H, W) of a batch.
+
+    With ``amp_dtype`` the model runs under autocast to it; probabilities and maps are float32.
+    """
+    if amp_dtype is None:
+        return _explain(model, x, fixed_target, method, options)
+    with torch.autocast(x.device.type, dtype=amp_dtype):
+        probs, target, maps, signed = _explain(model, x, fixed_target, method, options)
+    return probs, target, maps.float(), signed.float()
+
+
+def _explain(
+    model: torch.nn.Module, x: torch.Tensor, fixed_target: int | None, method: str, options: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if method in ("gradient", "grad_x_input"):  # one forward serves probabilities and map
         xg = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -121,19 +151,24 @@ def run_saliency(
     map_downsample: int = _d(SaliencyConfig, "map_downsample"),
     batch_size: int = _d(SaliencyConfig, "batch_size"),
     device: str = _d(SaliencyConfig, "device"),
+    amp: bool | str = _d(SaliencyConfig, "amp"),
     options: dict[str, Any] | None = None,
     progress: bool | None = None,
     overlap: int = _d(SaliencyConfig, "overlap"),
 ) -> Path:
     """Write ``out_dir/<slide_id>.saliency.zarr`` for every patch of ``store`` (and, with ``overlap``
     px > 0, for the extra patches between them); returns its path."""
-    from wsi_scaat.training.loop import resolve_device
+    from wsi_scaat.training.loop import Runtime, amp_dtype, resolve_device, use_channels_last
 
     options = dict(options or {})
     if method in ("integrated_gradients", "smoothgrad"):
         options.setdefault("internal_batch_size", batch_size)  # bound the expanded batch's memory
     dev = resolve_device(device)
+    dtype = amp_dtype(dev, amp, fp16=False) if amp != "auto" or method in AMP_AUTO_METHODS else None
+    rt = Runtime(dev, dtype, dtype is not None and use_channels_last(dev, "auto"))
     model, state = load_model(checkpoint, dev)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)  # input gradients only
     class_names = list(state["class_names"])
@@ -170,10 +205,11 @@ def run_saliency(
             "saliency_options": options or {},
             "saliency_overlap": int(overlap),
             "n_overlap": len(extra),
+            "saliency_precision": rt.precision,
             "wsi_scaat_version": __version__,
         }
         explain_store(model, patches, out, meta, len(class_names), fixed, method, options, batch_size,
-                      map_downsample, dev, extra, progress)  # fmt: skip
+                      map_downsample, rt, extra, progress)  # fmt: skip
     finally:
         patches.close()
     return out
@@ -181,9 +217,13 @@ def run_saliency(
 
 def explain_store(model: torch.nn.Module, patches: Any, out: Path, meta: dict[str, Any], n_classes: int,
                   fixed: int | None, method: str, options: dict[str, Any], batch_size: int, downsample: int,
-                  dev: torch.device, extra: OverlapPlan, progress: bool | None = None) -> Path:  # fmt: skip
+                  dev: torch.device | Runtime, extra: OverlapPlan, progress: bool | None = None) -> Path:  # fmt: skip
     """Write the saliency store ``out`` of the open patch store ``patches`` with ``model`` (attributes
-    ``meta``, which must hold ``map_size``); the ``extra`` patches go to its ``overlap`` group."""
+    ``meta``, which must hold ``map_size``) on ``dev`` (a device: float32; or a :class:`Runtime`);
+    the ``extra`` patches go to its ``overlap`` group."""
+    from wsi_scaat.training.loop import Runtime
+
+    rt = dev if isinstance(dev, Runtime) else Runtime(torch.device(dev), None, False)
     n, map_size = len(patches), int(meta["map_size"])
     with create_saliency_store(out, n, n_classes, map_size, meta, signed=True) as writer:
         writer.write_array("coords", patches.coords)
@@ -193,17 +233,17 @@ def explain_store(model: torch.nn.Module, patches: Any, out: Path, meta: dict[st
         disable = None if progress is None else not progress
         with tqdm(total=total, unit="patch", desc="saliency", disable=disable) as bar:
             batches = (np.asarray(patches.imgs[s : s + batch_size]) for s in range(0, n, batch_size))
-            _fill(writer, batches, model, dev, fixed, method, options, downsample, bar)
+            _fill(writer, batches, model, rt, fixed, method, options, downsample, bar)
             if len(extra):
                 sub = writer.overlap(len(extra), n_classes, map_size)
                 sub.write_array("coords", extra.coords)
-                _fill(sub, overlap_patches(patches.imgs, extra, batch_size), model, dev, fixed, method,
+                _fill(sub, overlap_patches(patches.imgs, extra, batch_size), model, rt, fixed, method,
                       options, downsample, bar)  # fmt: skip
     return out
 
 
 def _fill(writer: SaliencyWriter, batches: Iterator[np.ndarray], model: torch.nn.Module,
-          dev: torch.device, fixed: int | None, method: str, options: dict[str, Any], downsample: int,
+          rt: Runtime, fixed: int | None, method: str, options: dict[str, Any], downsample: int,
           bar: tqdm) -> None:  # fmt: skip
     """Explain the (B, P, P, 3) uint8 ``batches`` in order (the next read while one is computed)."""
 
@@ -216,8 +256,8 @@ def _fill(writer: SaliencyWriter, batches: Iterator[np.ndarray], model: torch.nn
         pending = pool.submit(read)
         while (x := pending.result()) is not None:
             pending = pool.submit(read)  # read ahead while computing
-            x = x.to(dev, non_blocking=True)
-            probs, target, maps, signed = explain_batch(model, x, fixed, method, options)
+            x = rt.to_device(x)
+            probs, target, maps, signed = explain_batch(model, x, fixed, method, options, rt.amp_dtype)
             if downsample > 1:
                 maps = F.avg_pool2d(maps[:, None], downsample)[:, 0]
                 signed = F.avg_pool2d(signed[:, None], downsample)[:, 0]

@@ -13,71 +13,31 @@ import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import shapely
-from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from wsi_scaat.atomic import write_text
+from wsi_scaat.synth.geometry import GRID, _blob, _polygons, _random_point, _snap  # noqa: F401
+from wsi_scaat.synth.hard import HardPainter, hard_lesion_geometry
 from wsi_scaat.synth.render import StripPainter, build_textures, stain_field
 from wsi_scaat.synth.tiff import write_pyramid
 
 SPLITS = ("train", "val", "test")
+DIFFICULTIES = ("easy", "hard")
+Difficulty = Literal["easy", "hard"]
+# make_cohort settings that ensure_cohort leaves out of synth.json at these values, so that a cohort
+# recorded before they existed stays up to date
+JPEG_QUALITY = {"easy": 85, "hard": 95}  # default JPEG quality of each preset
+UNRECORDED_DEFAULTS = {"difficulty": "easy", "split_fractions": [0.6, 0.2, 0.2]}
 MANIFEST_COLUMNS = ("slide_id", "path", "split", "label", "annotations", "mpp")
-GRID = 0.01  # coordinate precision (px) of generated polygons
 
 
 def _seq(seed: int, *tags: int) -> np.random.SeedSequence:
     """Seed sequence of an arbitrary (also negative) integer seed and stream tags."""
     return np.random.SeedSequence([int(seed) % 2**64, *tags])
-
-
-def _polygons(geom, min_area: float = 0.0) -> list[Polygon]:
-    """Polygons of a (multi)polygon / collection with area > min_area."""
-    if geom is None or geom.is_empty:
-        return []
-    if isinstance(geom, Polygon):
-        parts = [geom]
-    elif hasattr(geom, "geoms"):
-        parts = [p for g in geom.geoms for p in _polygons(g)]
-    else:
-        parts = []
-    return [p for p in parts if p.area > min_area]
-
-
-def _snap(geom) -> list[Polygon]:
-    return _polygons(shapely.set_precision(shapely.make_valid(geom), GRID), min_area=1.0)
-
-
-def _blob(
-    rng: np.random.Generator,
-    cx: float,
-    cy: float,
-    rx: float,
-    ry: float,
-    angle: float = 0.0,
-    amp: float = 0.12,
-    n: int = 256,
-) -> Polygon:
-    """Smooth star-shaped blob r(t) = 1 + sum_k a_k cos(k t + phi_k), k = 2..5, scaled/rotated."""
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    r = np.ones(n)
-    for k in range(2, 6):
-        r += amp * (2 / k) * rng.uniform(0.3, 1.0) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
-    poly = Polygon(np.c_[rx * r * np.cos(t), ry * r * np.sin(t)])
-    return affinity.translate(affinity.rotate(poly, angle, origin=(0, 0), use_radians=True), cx, cy)
-
-
-def _random_point(rng: np.random.Generator, geom) -> tuple[float, float]:
-    minx, miny, maxx, maxy = geom.bounds
-    for _ in range(20):
-        x, y = rng.uniform(minx, maxx, 256), rng.uniform(miny, maxy, 256)
-        inside = np.flatnonzero(shapely.contains_xy(geom, x, y))
-        if inside.size:
-            return float(x[inside[0]]), float(y[inside[0]])
-    p = geom.representative_point()
-    return p.x, p.y
 
 
 def tissue_geometry(rng: np.random.Generator, width: int, height: int) -> list[Polygon]:
@@ -116,15 +76,26 @@ def lesion_geometry(rng: np.random.Generator, tissue: Sequence[Polygon]) -> list
 
 
 def slide_geometry(
-    width: int, height: int, seed: int, *, lesions: bool = True
+    width: int,
+    height: int,
+    seed: int,
+    *,
+    lesions: bool = True,
+    difficulty: Difficulty = "easy",
+    mpp: float = 0.5,
 ) -> tuple[list[Polygon], list[Polygon]]:
     """(tissue polygons, lesion polygons) of the slide ``make_slide`` draws for this seed.
 
-    The tissue does not depend on ``lesions``; lesion polygons lie inside the tissue.
+    The tissue does not depend on ``lesions`` nor on ``difficulty``; lesion polygons lie inside
+    the tissue (``mpp`` sizes the hard preset's small foci).
     """
     rng = np.random.default_rng(_seq(seed, 0x6E0))
     tissue = tissue_geometry(rng, width, height)
-    return tissue, (lesion_geometry(rng, tissue) if lesions else [])
+    if not lesions:
+        return tissue, []
+    if difficulty == "hard":
+        return tissue, hard_lesion_geometry(rng, tissue, mpp)
+    return tissue, lesion_geometry(rng, tissue)
 
 
 def make_slide(
@@ -136,12 +107,15 @@ def make_slide(
     mpp: float = 0.5,
     lesions: bool = True,
     tile_size: int = 256,
-    jpeg_quality: int = 85,
+    jpeg_quality: int | None = None,
+    difficulty: Difficulty = "easy",
 ) -> list[Polygon]:
     """Write one pyramidal tiled JPEG TIFF; return lesion polygons in level-0 pixel coords.
 
     The result is a deterministic function of the arguments (byte-identical files for the
-    same seed). Returns an empty list if ``lesions`` is False.
+    same seed). Returns an empty list if ``lesions`` is False. ``difficulty`` "easy": lesions
+    are dense dark regions; "hard": they differ from normal tissue in nuclear morphology only
+    (:mod:`wsi_scaat.synth.hard`). ``jpeg_quality`` None: the preset's (``JPEG_QUALITY``).
     """
     if width < 16 or height < 16:
         raise ValueError(f"slide too small: {width}x{height}")
@@ -149,9 +123,30 @@ def make_slide(
         raise ValueError(f"tile_size must be a positive multiple of 16, got {tile_size}")
     if not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
+    if difficulty not in DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    jpeg_quality = JPEG_QUALITY[difficulty] if jpeg_quality is None else jpeg_quality
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100, got {jpeg_quality}")
-    tissue, lesion_polys = slide_geometry(width, height, seed, lesions=lesions)
+    tissue, lesion_polys = slide_geometry(
+        width, height, seed, lesions=lesions, difficulty=difficulty, mpp=mpp
+    )
+    if difficulty == "hard":
+        painter = HardPainter(width, height, tissue, lesion_polys, seed, mpp)
+        # full-resolution chroma and a high quality: JPEG's 2 x 2 chroma subsampling and coarse
+        # quantisation shift the mean colour of patches with many small nuclei against those with
+        # few large ones (a colour cue between the classes)
+        write_pyramid(
+            Path(path),
+            width,
+            height,
+            painter,
+            mpp=mpp,
+            tile=tile_size,
+            quality=jpeg_quality,
+            subsampling=(1, 1),
+        )
+        return lesion_polys
     tex_seed, stain_seed = (int(v) for v in _seq(seed, 0x7E8).generate_state(2))
     textures = build_textures(tex_seed, lesion=bool(lesion_polys))
     stain = stain_field(stain_seed, width, height)
@@ -245,6 +240,14 @@ def assign_splits(
     return labels.tolist(), splits
 
 
+def cohort_plan(
+    n_slides: int, seed: int, lesion_slide_fraction: float, split_fractions: Sequence[float]
+) -> tuple[list[int], list[str]]:
+    """Label and split of every slide of the cohort ``make_cohort`` writes with these settings."""
+    rng = np.random.default_rng(_seq(seed, 0xC047))
+    return assign_splits(n_slides, int(round(n_slides * lesion_slide_fraction)), split_fractions, rng)
+
+
 def make_cohort(
     out: Path,
     n_slides: int,
@@ -255,20 +258,20 @@ def make_cohort(
     mpp: float = 0.5,
     lesion_slide_fraction: float = 0.5,
     split_fractions: Sequence[float] = (0.6, 0.2, 0.2),
-    jpeg_quality: int = 85,
+    jpeg_quality: int | None = None,
+    difficulty: Difficulty = "easy",
 ) -> Path:
     """Writes out/slides/<slide_id>.tiff, out/annotations/<slide_id>.geojson, out/manifest.csv.
 
-    Returns the manifest path; manifest paths are relative to its folder.
+    Returns the manifest path; manifest paths are relative to its folder. ``difficulty``: see
+    ``make_slide``.
     """
     if n_slides < 1:
         raise ValueError(f"n_slides must be >= 1, got {n_slides}")
     if not 0 <= lesion_slide_fraction <= 1:
         raise ValueError(f"lesion_slide_fraction must be in [0, 1], got {lesion_slide_fraction}")
     out = Path(out)
-    rng = np.random.default_rng(_seq(seed, 0xC047))
-    n_lesion = int(round(n_slides * lesion_slide_fraction))
-    labels, splits = assign_splits(n_slides, n_lesion, split_fractions, rng)
+    labels, splits = cohort_plan(n_slides, seed, lesion_slide_fraction, split_fractions)
     digits = max(3, len(str(n_slides - 1)))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -285,6 +288,7 @@ def make_cohort(
             mpp=mpp,
             lesions=bool(label),
             jpeg_quality=jpeg_quality,
+            difficulty=difficulty,
         )
         write_annotations(out / rel_ann, polys)
         writer.writerow([slide_id, rel_slide, split, int(bool(polys)), rel_ann, repr(float(mpp))])
@@ -302,7 +306,11 @@ def ensure_cohort(
     is redone. Returns the manifest path and whether the cohort was (re)generated.
     """
     out = Path(out)
-    settings = {"n_slides": n_slides, "width": width, "height": height, "seed": seed, **kwargs}
+    settings = {"n_slides": n_slides, "width": width, "height": height, "seed": seed}
+    for key, value in kwargs.items():  # settings at their default are not recorded (older records)
+        value = [float(v) for v in value] if key == "split_fractions" else value
+        if UNRECORDED_DEFAULTS.get(key, object()) != value:
+            settings[key] = value
     record, manifest = out / "synth.json", out / "manifest.csv"
     if manifest.is_file() and record.is_file():
         try:

@@ -98,10 +98,12 @@ def write_pyramid(
     mpp: float,
     tile: int = 256,
     quality: int = 85,
+    subsampling: tuple[int, int] | None = None,
 ) -> None:
     """Write a tiled JPEG pyramidal TIFF (one IFD per level) painted strip by strip.
 
-    Written to a temporary folder next to ``path`` and moved into place atomically.
+    ``subsampling``: JPEG chroma subsampling (None: tifffile's 2 x 2; (1, 1): none). Written to a
+    temporary folder next to ``path`` and moved into place atomically.
     """
     dims = level_dims(width, height)
     strip_h = tile * -(-(2 ** (len(dims) - 1)) // tile)  # divisible by every downsample
@@ -116,6 +118,8 @@ def write_pyramid(
         maxworkers=max(1, min(4, os.cpu_count() or 1)),
         buffersize=32 << 20,
     )
+    if subsampling is not None:
+        opts["subsampling"] = tuple(subsampling)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -1,12 +1,13 @@
 """The training loop shared by every method; a method only decides how the loss is formed.
 
-``fit`` trains one model: seeded (and deterministic on CPU), AdamW or SGD with a cosine
-schedule, AMP and channels_last on CUDA, a checkpoint after every epoch (``last.pt``, and
-``best.pt`` when the validation metric improves), ``metrics.csv`` and ``curves.png``. A run
-resumed from ``last.pt`` continues exactly where the interrupted one stopped: every epoch
-reseeds all random streams from ``(seed, epoch)``. Under ``torchrun`` each process trains on its
-shard of every global batch (see ``wsi_scaat.training.distributed``); the epoch's records are
-reduced over the processes and rank 0 alone writes them.
+``fit`` trains one model: seeded (and deterministic on CPU, bfloat16 included), AdamW or SGD with
+a cosine schedule, mixed precision and channels_last where the device gains from them (see
+:func:`make_runtime`), a checkpoint after every epoch (``last.pt``, and ``best.pt`` when the
+validation metric improves), ``metrics.csv`` and ``curves.png``. A run resumed from ``last.pt``
+continues exactly where the interrupted one stopped: every epoch reseeds all random streams from
+``(seed, epoch)``, and the checkpoint records the precision it was trained in. Under ``torchrun``
+each process trains on its shard of every global batch (see ``wsi_scaat.training.distributed``);
+the epoch's records are reduced over the processes and rank 0 alone writes them.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from wsi_scaat.errors import WsiScaatError
 from wsi_scaat.metrics import auroc
 from wsi_scaat.training import distributed
 from wsi_scaat.training.checkpoint import load_checkpoint, save_checkpoint
+from wsi_scaat.training.methods.base import fast_bf16
 from wsi_scaat.training.reporting import write_curves, write_metrics_csv
 
 
@@ -59,12 +61,15 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919) % 2**31
 
 
+Switch = bool | str  # True, False or "auto"
+
+
 @dataclass
 class Runtime:
     """Where and how tensors are computed."""
 
     device: torch.device
-    amp_dtype: torch.dtype | None  # autocast dtype on CUDA, None for full precision
+    amp_dtype: torch.dtype | None  # autocast dtype, None for full precision
     channels_last: bool
 
     def autocast(self) -> Any:
@@ -76,15 +81,39 @@ class Runtime:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    @property
+    def precision(self) -> dict[str, Any]:
+        """What a checkpoint records of the arithmetic: autocast dtype (or float32) and memory layout."""
+        dtype = "float32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+        return {"autocast": dtype, "channels_last": self.channels_last}
 
-def make_runtime(device: torch.device, amp: bool, channels_last: bool) -> Runtime:
-    """AMP (bf16 where supported, else fp16) and channels_last apply on CUDA only."""
-    if device.type != "cuda":
-        return Runtime(device, None, False)
-    dtype = None
-    if amp:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return Runtime(device, dtype, channels_last)
+
+def amp_dtype(device: torch.device, amp: Switch, *, fp16: bool = True) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device`` (None: float32).
+
+    ``auto``: bfloat16 where the device computes it natively (CUDA with bf16, AVX512-BF16 or AMX
+    CPUs); elsewhere float16 on CUDA when ``fp16`` (training, with loss scaling), else float32.
+    ``True``: bfloat16, or float16 on a CUDA device without bf16 when ``fp16``. ``False``: float32.
+    """
+    if amp is False or device.type not in ("cuda", "cpu"):
+        return None
+    if amp == "auto" and not fast_bf16(device):
+        return torch.float16 if fp16 and device.type == "cuda" else None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16 if fp16 else None
+    return torch.bfloat16
+
+
+def use_channels_last(device: torch.device, channels_last: Switch) -> bool:
+    """Whether 4-D batches and the model go channels-last: ``auto`` on CUDA and on CPUs with oneDNN."""
+    if channels_last == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available())
+    return bool(channels_last) and device.type in ("cuda", "cpu")
+
+
+def make_runtime(device: torch.device, amp: Switch, channels_last: Switch) -> Runtime:
+    """The runtime of ``train.amp`` and ``train.channels_last`` on ``device`` (see :func:`amp_dtype`)."""
+    return Runtime(device, amp_dtype(device, amp), use_channels_last(device, channels_last))
 
 
 def build_optimizer(model: nn.Module, tc: Any) -> torch.optim.Optimizer:
@@ -233,6 +262,8 @@ def _resume_refusal(state: dict, job: Any, out_dir: Path, restore: bool = True) 
     last, best = out_dir / "last.pt", out_dir / "best.pt"
     if state.get("train_hash") != job.train_hash:
         return "was made with other settings"
+    if state.get("precision") != job.rt.precision:
+        return f"was trained in another precision ({state.get('precision')}, this run: {job.rt.precision})"
     stores = [Path(p) for loader in (job.train_loader, job.val_loader)
               for p in getattr(getattr(loader, "dataset", None), "paths", ())]  # fmt: skip
     if any(p.stat().st_mtime_ns > last.stat().st_mtime_ns for p in stores):

@@ -25,6 +25,7 @@ from wsi_scaat.training.loop import (
     run_epochs,
     seed_everything,
 )
+from wsi_scaat.training.methods.base import fast_bf16
 
 
 @dataclass
@@ -85,6 +86,7 @@ class TrainJob:
             "config": self.cfg.model_dump(mode="json"),
             "model_config": mc.model_dump(mode="json"),
             "train_hash": self.train_hash,
+            "precision": self.rt.precision,
             "class_names": list(self.cfg.train.class_names),
             "normalization": {"mean": list(mc.mean), "std": list(mc.std)},
             "wsi_scaat_version": __version__,
@@ -187,11 +189,22 @@ def fit(
         ignored = f", {job.meta['n_ignored']} mixed left out" if "n_ignored" in job.meta else ""
         log(f"training {method_name} on {job.rt.device}{procs} ({job.meta['n_train']} train{ignored} / "
             f"{job.meta['n_val']} val patches, {cfg.train.model.name}, {cfg.train.epochs} epochs, "
-            f"batch {cfg.train.batch_size})")  # fmt: skip
+            f"batch {cfg.train.batch_size}, {_describe(job.rt)})")  # fmt: skip
+        if job.rt.amp_dtype is not None and job.rt.device.type == "cpu" and not fast_bf16(job.rt.device):
+            log("warning: train.amp is true but this CPU has no native bfloat16 (AVX512-BF16, AMX): bf16 is "
+                "emulated and likely slower than float32; train.amp: auto picks float32 here")  # fmt: skip
         summary = run_epochs(job, Path(out_dir), resume=resume, stop_after=stop_after, log=log)
         return {**summary, "rank": dist.rank}
     finally:
         distributed.shutdown(dist)
+
+
+def _describe(rt: Runtime) -> str:
+    """The runtime's arithmetic in words, e.g. ``bfloat16 autocast, channels-last``."""
+    dtype = rt.precision["autocast"]
+    return (f"{dtype} autocast" if rt.amp_dtype is not None else dtype) + (
+        ", channels-last" if rt.channels_last else ""
+    )
 
 
 def _silent(_: str) -> None:
