@@ -453,3 +453,16 @@ def test_attached_target_trains_the_clean_logits_through_the_kl_term() -> None:
     assert gp.abs().sum() > 0
     expected = F.kl_div(F.log_softmax(q, 1), F.softmax(p, 1), reduction="batchmean")
     assert attached.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_bf16_search_is_not_doubled_under_bf16_training() -> None:
+    """``bf16_search: auto`` adds its own bf16 passes only where training does not already run in bf16."""
+    from wsi_scaat.training.methods.base import fast_bf16
+    from wsi_scaat.training.methods.scaat import search_in_bf16
+
+    cpu = torch.device("cpu")
+    assert search_in_bf16(cpu, "auto") == fast_bf16(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert search_in_bf16(cpu, "auto") is False
+        assert search_in_bf16(cpu, True) is True
+    assert search_in_bf16(cpu, False) is False

@@ -208,7 +208,7 @@ def test_workflow_on_png_crops(png_cohort: Path, tmp_path: Path) -> None:
         export = res / "export" / "erm"
         with tifffile.TiffFile(export / f"{sid}.heatmap.ome.tif") as tif:
             series = tif.series[0]
-            dims = dict(zip(series.axes, series.shape))
+            dims = dict(zip(series.axes, series.shape, strict=True))
             assert (dims["Y"], dims["X"]) == (640, 768)
         for kind in ("tiles.geojson", "regions.geojson", "overlay.png", "thumbnail.png", "figure.png"):
             assert (export / f"{sid}.{kind}").stat().st_size > 0, kind

@@ -217,7 +217,8 @@ def run_saliency(
 
 def explain_store(model: torch.nn.Module, patches: Any, out: Path, meta: dict[str, Any], n_classes: int,
                   fixed: int | None, method: str, options: dict[str, Any], batch_size: int, downsample: int,
-                  dev: torch.device | Runtime, extra: OverlapPlan, progress: bool | None = None) -> Path:  # fmt: skip
+                  dev: torch.device | Runtime, extra: OverlapPlan,
+                  progress: bool | None = None) -> Path:  # fmt: skip
     """Write the saliency store ``out`` of the open patch store ``patches`` with ``model`` (attributes
     ``meta``, which must hold ``map_size``) on ``dev`` (a device: float32; or a :class:`Runtime`);
     the ``extra`` patches go to its ``overlap`` group."""

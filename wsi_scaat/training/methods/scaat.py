@@ -18,7 +18,7 @@ Cost: one clean forward serves the saliency (input-only gradient, graph kept), t
 CE term; each PGD step is a forward plus an input-only backward with BatchNorm statistics frozen;
 one more forward gives the KL term. On CPU the search passes run on a channels-last copy of the
 batch. With ``bf16_search`` the saliency comes from a separate bfloat16 pass and the PGD passes run
-under bfloat16 autocast too.
+under bfloat16 autocast too (``auto``: only where training itself does not already run in bf16).
 """
 
 from __future__ import annotations
@@ -47,6 +47,21 @@ from wsi_scaat.training.methods.base import (
     stable_argsort,
     stats_dict,
 )
+
+
+def search_in_bf16(device: torch.device, bf16_search: bool | str) -> bool:
+    """Whether the saliency and PGD passes get a bfloat16 autocast of their own.
+
+    ``auto``: where ``device`` computes bf16 natively, unless the step already runs under bf16
+    autocast (``train.amp``): then the passes are bf16 anyway, and a separate saliency pass would only
+    add a forward.
+    """
+    if bf16_search != "auto":
+        return bool(bf16_search)
+    under_bf16 = (
+        torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.bfloat16
+    )
+    return fast_bf16(device) and not under_bf16
 
 
 def scaat_effective_ratio(mask_ratio: float, warmup_epochs: float, progress: float) -> float:
@@ -186,7 +201,7 @@ class ScaatMethod(Method):
             logits = model(x)  # nothing may be perturbed: the KL term is 0, skip its cost
             ce = F.cross_entropy(logits, y)
             return StepOutput(ce, logits.detach(), stats_dict(ce=ce, kl=0.0, mask_ratio=ratio))
-        bf16 = fast_bf16(x.device) if cfg.bf16_search == "auto" else cfg.bf16_search
+        bf16 = search_in_bf16(x.device, cfg.bf16_search)
         net = unwrap(model)  # for every forward but the first of the loss (see methods.base)
         separate = bf16 or cfg.saliency_bn == "eval" or cfg.rank_saliency != "gradient"
         if separate:  # a saliency pass of its own, then a plain clean forward
