@@ -82,6 +82,7 @@ real: $(STAMP)
 	  $(BIN)/snakemake --cores $(CORES) --keep-going --rerun-incomplete --configfile $(REAL_CONFIG) $(ONE_CORE_JOBS) && \
 	  cat results/wsss4luad/evaluation/metrics.md && \
 	  $(BIN)/python scripts/readme_results.py results/wsss4luad/evaluation/metrics.md docs/evaluation.md wsss4luad && \
+	  $(BIN)/python scripts/readme_results.py results/wsss4luad/evaluation/metrics.md README.md wsss4luad && \
 	  echo "make real: $$(( ($$(date +%s) - start + 30) / 60 )) min on $(CORES) cores"; \
 	fi
 

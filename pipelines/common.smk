@@ -135,9 +135,10 @@ def get_config_json(wildcards=None, section=None):
 
 def get_train_json(wildcards):
     """The train settings of one model (a method or a train.runs entry) as JSON: a param of the train
-    rule (a change re-trains), without the number of open stores, which changes no result."""
-    train = CFG.training_run(wildcards.method)[1].train
-    return json.dumps(train.model_dump(mode="json", exclude={"max_open_stores"}), sort_keys=True)
+    rule (a change re-trains), without what changes no result of this model (the number of open stores,
+    the other runs and the other methods' knobs)."""
+    method, cfg = CFG.training_run(wildcards.method)
+    return json.dumps(cfg.train.identity(method, frozenset({"max_open_stores"})), sort_keys=True)
 
 
 TRAIN_STORES = f"{RESULTS}/models/train_stores.txt"

@@ -33,6 +33,11 @@ def test_shipped_configs_load() -> None:
         ({"tiling": {"min_tissue": 1.5}}, "tiling.min_tissue", "less than or equal to 1"),
         ({"tiling": {"format": "tif"}}, "tiling.format", "'h5' or 'zarr'"),
         ({"tiling": {"patch_size": 64, "overlap": 64}}, "tiling.overlap", "smaller than patch_size"),
+        (
+            {"tiling": {"patch_size": 64}, "saliency": {"overlap": 64}},
+            "saliency.overlap",
+            "below tiling.patch_size",
+        ),
         ({"cohort": {"name": "../x", "manifest": "m.csv"}}, "cohort.name", "names a folder"),
     ],
 )
@@ -89,9 +94,27 @@ def test_named_runs_override_train_settings() -> None:
     assert method == "scaat" and run.train.scaat.mask_ratio == 0.8 and run.train.epochs == 2
     assert run.train.scaat.eps == base.train.scaat.eps  # untouched knobs keep the base value
     assert cfg.training_run("erm") == ("erm", cfg)
-    sweep = load_config(REPO / "configs/demo.yaml", REPO / "configs/sweep.yaml")
-    assert len(sweep.models) == 12 and {sweep.training_run(m)[0] for m in sweep.models} == {
+    sweep = load_config(REPO / "configs/demo.yaml", REPO / "configs/hard.yaml", REPO / "configs/sweep.yaml")
+    assert sweep.cohort.name == "hard" and {sweep.training_run(m)[0] for m in sweep.models} == {
         "erm", "scaat", "advgrad", "sgt"}  # fmt: skip
+    # 3 seeds for ERM and each method's (and advgrad variant's) default strength, 1 for the 10 others
+    assert len(sweep.models) == 6 * 3 + 10
+    variants = {
+        sweep.training_run(m)[1].train.advgrad.variant for m in sweep.models if m.startswith("advgrad")
+    }
+    assert variants == {"l1", "elastic", "group"}
+
+
+def test_model_identity_leaves_other_models_alone() -> None:
+    """A model's training settings (the train rule's param, the resume hash) ignore other runs and other
+    methods' knobs: adding a run or changing SCAAT's knobs does not re-train ERM."""
+    base = load_config(REPO / "configs/demo.yaml").train
+    more = base.model_copy(update={"runs": {"scaat_eps0.2": {"method": "scaat", "scaat": {"eps": 0.2}}}})
+    other = base.model_copy(update={"scaat": base.scaat.model_copy(update={"eps": 0.3})})
+    assert base.identity("erm") == more.identity("erm") == other.identity("erm")
+    assert base.identity("scaat") == more.identity("scaat") != other.identity("scaat")
+    assert "scaat" not in base.identity("erm") and "runs" not in base.identity("scaat")
+    assert "max_open_stores" not in base.identity("erm", frozenset({"max_open_stores"}))
 
 
 @pytest.mark.parametrize(

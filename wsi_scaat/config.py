@@ -107,6 +107,13 @@ class TrainConfig(Section):
             self.run_settings(name, spec)
         return self
 
+    def identity(self, method: str, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """The settings that make a model of ``method`` trained with this section what it is, as JSON:
+        not the list of methods and runs, nor other methods' knobs, nor the keys of ``exclude``, so that
+        adding a run or changing SCAAT's knobs leaves the other models trained."""
+        other_knobs = {key for key in ("scaat", "advgrad", "sgt") if key != method}
+        return self.model_dump(mode="json", exclude={"methods", "runs", *other_knobs, *exclude})
+
     def run_settings(self, name: str, spec: dict[str, Any] | None = None) -> tuple[str, TrainConfig]:
         """The method and the train settings of the run ``name`` (a method name, or a key of ``runs``)."""
         if spec is None and name in METHOD_NAMES:
@@ -149,6 +156,16 @@ class Config(Section):
     stitch: StitchConfig = StitchConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+
+    @model_validator(mode="after")
+    def _overlap_fits_patch(self) -> Config:
+        size = self.tiling.patch_size
+        if self.saliency.overlap >= size:
+            raise ValueError(
+                f"saliency.overlap ({self.saliency.overlap} px) must be below tiling.patch_size ({size} px); "
+                f"half the patch ({size // 2}) blends away the seams"
+            )
+        return self
 
     @property
     def runs(self) -> list[str]:

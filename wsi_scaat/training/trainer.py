@@ -54,7 +54,8 @@ class TrainJob:
     @property
     def train_hash(self) -> str:
         """What must be unchanged for ``--resume`` to continue a run (not the number of processes)."""
-        train = self.cfg.train.model_dump(mode="json", exclude={"gpus", "dist_backend", "max_open_stores"})
+        not_results = frozenset({"gpus", "dist_backend", "max_open_stores"})
+        train = self.cfg.train.identity(self.method_name, not_results)
         return config_hash(
             {"method": self.method_name, "train": train,
              "tiling": self.cfg.tiling.model_dump(mode="json"), "manifest": str(self.cfg.cohort.manifest)}
