@@ -254,7 +254,7 @@ class HeldOut:
         probs, maps = [], []
         dtype = torch.bfloat16 if amp else None
         for a in range(0, len(self.x), 128):
-            p, _, m = explain_batch(model, self.x[a : a + 128], 1, "gradient", {}, dtype)
+            p, _, m, _ = explain_batch(model, self.x[a : a + 128], 1, "gradient", {}, dtype)
             probs.append(p)
             maps.append(m)
         return torch.cat(probs), torch.cat(maps)
