@@ -87,7 +87,7 @@ class ScaatConfig(Section):
         "auto: where the hardware computes bf16 natively",
     )
     saliency_bn: Literal["train", "eval"] = Field(
-        "train",
+        "eval",
         description="BatchNorm mode of the saliency pass that ranks pixels: batch statistics (train) or "
         "running statistics (eval, as the saliency maps users see are computed)",
     )
