@@ -136,7 +136,7 @@ class SaliencyConfig(Section):
 
 class StitchConfig(Section):
     value: Literal["saliency", "evidence", "weighted", "probability"] = Field(
-        "weighted",  # the best held-out slide heatmap AUROC on the demo (README, docs/qupath.md)
+        "probability",  # the best held-out slide heatmap AUROC on the real and hard cohorts (docs/qupath.md)
         description="what the heatmap shows: saliency (|attribution|), evidence (attribution > 0), weighted "
         "(saliency x p(target)) or probability (p(target) over each patch)",
     )
