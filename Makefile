@@ -83,6 +83,7 @@ real: $(STAMP)
 	  cat results/wsss4luad/evaluation/metrics.md && \
 	  $(BIN)/python scripts/readme_results.py results/wsss4luad/evaluation/metrics.md docs/evaluation.md wsss4luad && \
 	  $(BIN)/python scripts/readme_results.py results/wsss4luad/evaluation/metrics.md README.md wsss4luad && \
+	  cp results/wsss4luad/evaluation/tradeoff.png docs/images/real_tradeoff.png && \
 	  echo "make real: $$(( ($$(date +%s) - start + 30) / 60 )) min on $(CORES) cores"; \
 	fi
 
