@@ -5,12 +5,21 @@ gradients, loss), ``loss.backward()`` and the optimiser step. Warm-up steps are 
 methods take turns over several rounds so that machine noise hits them alike:
 
     python benchmarks/bench_training.py [--model small_cnn|resnet18] [--batch 64] [--size 48]
-                                        [--device cpu] [--rounds 5] [--steps 10]
+                                        [--device cpu] [--rounds 5] [--steps 10] [--floor]
 
 Models come from ``wsi_scaat.models.build_model`` when that registry is importable; otherwise
 small_cnn is a local stand-in (4 x conv-BN-ReLU, 16-32-64-64 channels, stride 2, global average
 pooling, linear head) and resnet18 is torchvision's ``resnet18(weights=None)``. The ratios columns
 divide by ERM's mean step time and by its median per-round time (robust to other load).
+
+``--floor`` also times the passes a step is made of, on the same model, batch and precision: a
+training forward + full backward (ERM's step without the optimiser), a forward + input-only backward
+with BatchNorm's batch statistics (a PGD step), the same with running statistics (SCAAT's saliency
+pass, ``saliency_bn: eval``), both in the layout and precision SCAAT gives them (``bf16_search``),
+and the optimiser step. SCAAT's default objective needs one saliency
+pass, ``steps`` PGD passes and two training forward + backward passes (clean and perturbed) per
+step, so the sum of those, divided by ERM's passes, is the lowest ratio any implementation of that
+objective can reach; the rest of the measured ratio is what the implementation adds.
 """
 
 from __future__ import annotations
@@ -153,6 +162,79 @@ def measure(model_name: str = "small_cnn", batch: int = 64, size: int = 48, devi
     return times, source
 
 
+def pass_floor(model_name: str = "small_cnn", batch: int = 64, size: int = 48, device: str = "cpu",
+               repeats: int = 10, warmup: int = 2, channels_last: bool | str = "auto",
+               amp: bool | str = "auto", cpu_time: bool = False) -> dict[str, float]:  # fmt: skip
+    """Mean seconds of each pass of a training step (see the module docstring), methods' precision."""
+    import torch.nn.functional as F
+
+    from wsi_scaat.training.loop import amp_dtype, use_channels_last
+    from wsi_scaat.training.methods.base import frozen_bn_stats, search_autocast, search_layout
+    from wsi_scaat.training.methods.scaat import bn_eval, search_in_bf16
+
+    dev = torch.device(device)
+    if cpu_time:
+        torch.set_num_threads(1)
+    clock = time.process_time if cpu_time else time.perf_counter
+    dtype = amp_dtype(dev, amp)
+    torch.manual_seed(0)
+    model, _ = make_model(model_name)
+    fmt = torch.channels_last if use_channels_last(dev, channels_last) else torch.contiguous_format
+    model = model.to(dev, memory_format=fmt).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.rand(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def autocast() -> Any:
+        return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
+
+    def train_pass() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+
+    with autocast():  # SCAAT's search passes: bf16 of their own where training is not bf16 already
+        search_bf16 = search_in_bf16(dev, ScaatConfig().bf16_search)
+
+    def input_pass(eval_bn: bool) -> None:  # as SCAAT runs it: its layout and precision
+        xg = search_layout(x.detach()).requires_grad_(True)
+        with frozen_bn_stats(model), bn_eval(model, eval_bn), autocast(), search_autocast(xg, search_bf16):
+            target = model(xg).gather(1, y[:, None]).sum()
+        torch.autograd.grad(target, xg)
+
+    passes = {"forward + backward (train)": train_pass, "forward + input backward (batch stats)":
+              lambda: input_pass(False), "forward + input backward (running stats)": lambda: input_pass(True),
+              "optimiser step": opt.step}  # fmt: skip
+    out = {}
+    for label, func in passes.items():
+        for _ in range(warmup):
+            func()
+        sync()
+        t0 = clock()
+        for _ in range(repeats):
+            func()
+        sync()
+        out[label] = (clock() - t0) / repeats
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+def floor_rows(passes: dict[str, float], steps: int, measured: float | None = None) -> list[dict[str, Any]]:
+    """ERM's and SCAAT's step as sums of passes (ms) and SCAAT's lowest possible ratio to ERM."""
+    fb, pgd = passes["forward + backward (train)"], passes["forward + input backward (batch stats)"]
+    sal, opt = passes["forward + input backward (running stats)"], passes["optimiser step"]
+    erm = fb + opt
+    scaat = sal + steps * pgd + 2 * fb + opt
+    rows = [{"what": label, "ms": 1000 * t} for label, t in passes.items()]
+    rows.append({"what": "ERM step = forward + backward + optimiser", "ms": 1000 * erm, "x erm": 1.0})
+    rows.append({"what": f"SCAAT floor = saliency + {steps} PGD + 2 x (forward + backward) + optimiser",
+                 "ms": 1000 * scaat, "x erm": scaat / erm})  # fmt: skip
+    if measured is not None:
+        rows.append({"what": "SCAAT measured (this run's step table)", "x erm": measured})
+    return rows
+
+
 def summary(times: dict[str, list[float]]) -> list[dict[str, Any]]:
     """ms/step and ratios to ERM (of means, and of per-round medians) of each method."""
     erm, erm_median = statistics.mean(times["erm"]), statistics.median(times["erm"])
@@ -199,6 +281,7 @@ def main() -> None:
     ap.add_argument("--channels-last", choices=list(switch), default="auto", help="as train.channels_last")
     ap.add_argument("--amp", choices=list(switch), default="auto", help="as train.amp (auto: bf16 if native)")
     ap.add_argument("--cpu-time", action="store_true", help="one torch thread; CPU time per step, not wall")
+    ap.add_argument("--floor", action="store_true", help="also time the passes a step is made of")
     args = ap.parse_args()
     times, source = measure(args.model, args.batch, args.size, args.device, args.rounds, args.steps,
                             args.warmup, args.only, switch[args.channels_last], switch[args.amp],
@@ -213,7 +296,15 @@ def main() -> None:
     print(f"model: {args.model} ({source}), batch {args.batch}, {args.size} px, {layout}, {precision}, "
           f"device {args.device}; {clock}")  # fmt: skip
     print(f"{args.rounds} rounds x {args.steps} timed steps per method, after {args.warmup} warm-up steps")
-    print(table(summary(times), ["method", "ms/step", "x erm", "x erm (medians)"]))
+    rows = summary(times)
+    print(table(rows, ["method", "ms/step", "x erm", "x erm (medians)"]))
+    if args.floor:
+        repeats = args.rounds * args.steps
+        passes = pass_floor(args.model, args.batch, args.size, args.device, repeats, args.warmup,
+                            switch[args.channels_last], switch[args.amp], args.cpu_time)  # fmt: skip
+        scaat = next(r["x erm"] for r in rows if r["method"].startswith("scaat (default:"))
+        print(f"passes of one step ({repeats} timed repeats each):")
+        print(table(floor_rows(passes, ScaatConfig().steps, scaat), ["what", "ms", "x erm"]))
 
 
 if __name__ == "__main__":

@@ -102,3 +102,17 @@ def test_run_all_keeps_the_sections_written_by_hand(
     text = doc.read_text()
     assert "# old table" not in text and text.startswith("# Benchmarks")
     assert text.endswith(f"{run_all.KEPT}\n\n## By hand\n\nbefore / after\n")
+
+
+def test_training_floor_sums_the_passes_of_a_scaat_step(bench_modules: None) -> None:
+    import bench_training
+
+    passes = {"forward + backward (train)": 0.010, "forward + input backward (batch stats)": 0.008,
+              "forward + input backward (running stats)": 0.007, "optimiser step": 0.002}  # fmt: skip
+    rows = bench_training.floor_rows(passes, steps=1, measured=4.0)
+    erm, floor, measured = rows[-3:]
+    assert erm["ms"] == pytest.approx(12.0) and erm["x erm"] == 1.0
+    assert floor["ms"] == pytest.approx(7 + 8 + 2 * 10 + 2) and floor["x erm"] == pytest.approx(37 / 12)
+    assert measured["x erm"] == 4.0
+    timed = bench_training.pass_floor(size=16, batch=4, repeats=1, warmup=0)
+    assert set(timed) == set(passes) and all(t > 0 for t in timed.values())
