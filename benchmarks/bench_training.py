@@ -28,6 +28,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +122,42 @@ def train_step(
     opt.step()
 
 
+@dataclass
+class Bench:
+    """A seeded model, its optimiser and one batch on ``dev``, in the layout and precision training uses."""
+
+    dev: torch.device
+    model: nn.Module
+    source: str
+    opt: torch.optim.Optimizer
+    x: torch.Tensor
+    y: torch.Tensor
+    dtype: torch.dtype | None  # autocast dtype, None for float32
+    clock: Callable[[], float]
+    sync: Callable[[], None]
+
+    @classmethod
+    def build(cls, model_name: str, batch: int, size: int, device: str, channels_last: bool | str,
+              amp: bool | str, cpu_time: bool) -> Bench:  # fmt: skip
+        """``amp`` and ``channels_last`` resolve as ``train.amp`` / ``train.channels_last`` on
+        ``device``; ``cpu_time``: one torch thread, and the process's CPU time as the clock."""
+        from wsi_scaat.training.loop import amp_dtype, use_channels_last
+
+        dev = torch.device(device)
+        if cpu_time:
+            torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model, source = make_model(model_name)
+        fmt = torch.channels_last if use_channels_last(dev, channels_last) else torch.contiguous_format
+        model = model.to(dev, memory_format=fmt).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        x = torch.rand(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
+        y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        clock = time.process_time if cpu_time else time.perf_counter
+        return cls(dev, model, source, opt, x, y, amp_dtype(dev, amp), clock, sync)
+
+
 def measure(model_name: str = "small_cnn", batch: int = 64, size: int = 48, device: str = "cpu",
             rounds: int = 5, steps: int = 10, warmup: int = 3, only: list[str] | None = None,
             channels_last: bool | str = "auto", amp: bool | str = "auto",
@@ -130,22 +168,9 @@ def measure(model_name: str = "small_cnn", batch: int = 64, size: int = 48, devi
     (``auto``: what training runs with). ``cpu_time``: one torch thread, and the process's CPU time
     per step instead of wall time (the compute cost, which other load on the machine does not change).
     """
-    from wsi_scaat.training.loop import amp_dtype, use_channels_last
-
-    dev = torch.device(device)
-    if cpu_time:
-        torch.set_num_threads(1)
-    clock = time.process_time if cpu_time else time.perf_counter
-    dtype = amp_dtype(dev, amp)
-    torch.manual_seed(0)
-    model, source = make_model(model_name)
-    fmt = torch.channels_last if use_channels_last(dev, channels_last) else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
+    b = Bench.build(model_name, batch, size, device, channels_last, amp, cpu_time)
+    model, opt, x, y, dtype, clock, sync = b.model, b.opt, b.x, b.y, b.dtype, b.clock, b.sync
     runs = [(k, m) for k, m in methods(device) if k == "erm" or not only or k.startswith(tuple(only))]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     times: dict[str, list[float]] = {k: [] for k, _ in runs}
     for _label, method in runs:
@@ -159,7 +184,7 @@ def measure(model_name: str = "small_cnn", batch: int = 64, size: int = 48, devi
                 train_step(model, opt, method, x, y, dtype)
             sync()
             times[label].append((clock() - t0) / steps)
-    return times, source
+    return times, b.source
 
 
 def pass_floor(model_name: str = "small_cnn", batch: int = 64, size: int = 48, device: str = "cpu",
@@ -168,23 +193,11 @@ def pass_floor(model_name: str = "small_cnn", batch: int = 64, size: int = 48, d
     """Mean seconds of each pass of a training step (see the module docstring), methods' precision."""
     import torch.nn.functional as F
 
-    from wsi_scaat.training.loop import amp_dtype, use_channels_last
     from wsi_scaat.training.methods.base import frozen_bn_stats, search_autocast, search_layout
     from wsi_scaat.training.methods.scaat import bn_eval, search_in_bf16
 
-    dev = torch.device(device)
-    if cpu_time:
-        torch.set_num_threads(1)
-    clock = time.process_time if cpu_time else time.perf_counter
-    dtype = amp_dtype(dev, amp)
-    torch.manual_seed(0)
-    model, _ = make_model(model_name)
-    fmt = torch.channels_last if use_channels_last(dev, channels_last) else torch.contiguous_format
-    model = model.to(dev, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.rand(batch, 3, size, size, device=dev).contiguous(memory_format=fmt)
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    b = Bench.build(model_name, batch, size, device, channels_last, amp, cpu_time)
+    model, opt, x, y, dtype, clock, sync, dev = b.model, b.opt, b.x, b.y, b.dtype, b.clock, b.sync, b.dev
 
     def autocast() -> Any:
         return torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None)
